@@ -43,26 +43,46 @@ def tables(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _panel(name: str) -> str:
+    """Figures that compare against alternatives share a panel: ratio_*, peak_mib*."""
+    for prefix in ("ratio", "peak_mib"):
+        if name.startswith(prefix):
+            return prefix
+    return name
+
+
 def plot(data: dict, path: str) -> None:
-    """One bar chart per recorded figure, cases on the x axis."""
+    """Grouped bars per case: one panel of time ratios (line at 1: below it we are faster),
+    one of peak memory (log scale), one per other figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figures = defaultdict(list)
+    panels = defaultdict(lambda: defaultdict(dict))  # panel -> figure -> case -> value
     for b in data["benchmarks"]:
+        case = b["name"].replace("bench_", "")
         for k, v in b.get("extra_info", {}).items():
             if isinstance(v, (int, float)):
-                figures[k].append((b["name"].replace("bench_", ""), v))
-    if not figures:
+                panels[_panel(k)][k][case] = v
+    if not panels:
         return
-    fig, axes = plt.subplots(len(figures), 1, figsize=(10, 3 * len(figures)), squeeze=False)
-    for ax, (name, rows) in zip(axes[:, 0], sorted(figures.items()), strict=True):
-        ax.barh([r[0] for r in rows], [r[1] for r in rows])
-        ax.set_title(name)
-        if name.endswith("_ratio") or name.startswith("x_"):
+    fig, axes = plt.subplots(len(panels), 1, figsize=(13, 3.2 * len(panels)), squeeze=False)
+    for ax, (panel, figures) in zip(axes[:, 0], sorted(panels.items()), strict=True):
+        cases = sorted({c for values in figures.values() for c in values})
+        width = 0.8 / len(figures)
+        for i, (name, values) in enumerate(sorted(figures.items())):
+            ax.barh([j + i * width for j in range(len(cases))],
+                    [values.get(c, 0) for c in cases], height=width, label=name)
+        ax.set_yticks([j + 0.4 - width / 2 for j in range(len(cases))], cases, fontsize=8)
+        ax.set_title({"ratio": "time ours / alternative (below 1: ours faster)",
+                      "peak_mib": "peak memory, MiB"}.get(panel, panel))
+        if panel == "ratio":
             ax.axvline(1.0, color="k", lw=0.8)
+        if panel == "peak_mib":
+            ax.set_xscale("symlog")
+        if len(figures) > 1:
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

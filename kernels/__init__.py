@@ -3,6 +3,11 @@
 Imports torch and triton only (never `t2i`), so other codebases can use the kernels alone.
 Each public function dispatches on its inputs: CUDA tensors run the Triton kernel, CPU
 tensors the optimised torch path; `T2I_KERNEL_BACKEND=reference|torch|triton` forces one.
+
+    >>> from t2i_kernels import vq_lookup
+    >>> indices, quantized = vq_lookup(torch.randn(4, 256, 64), torch.randn(1024, 64))
 """
 
-__all__: list[str] = []
+from t2i_kernels.vq import VQStats, vq_lookup, vq_stats
+
+__all__ = ["VQStats", "vq_lookup", "vq_stats"]

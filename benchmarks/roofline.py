@@ -1,0 +1,52 @@
+"""Rooflines: the time each kernel should take on an A100 and an H100, from its FLOPs and
+the bytes it must move, so that a GPU run can be checked against paper.
+
+    python -m benchmarks.roofline
+
+Peak figures (dense, no sparsity), from NVIDIA's data sheets:
+A100 SXM4 80GB: TF32 156 TFLOP/s, FP16/BF16 312 TFLOP/s, HBM2e 2,039 GB/s.
+H100 SXM5 80GB: TF32 494.7 TFLOP/s, FP16/BF16 989.4 TFLOP/s, HBM3 3,350 GB/s.
+fp32 inputs run as tf32x3 (three TF32 products per multiply-add): a third of TF32 peak.
+"""
+
+GPUS = {
+    "A100": {"tf32": 156e12, "fp16": 312e12, "bf16": 312e12, "hbm": 2.039e12},
+    "H100": {"tf32": 494.7e12, "fp16": 989.4e12, "bf16": 989.4e12, "hbm": 3.35e12},
+}
+BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def tensor_peak(gpu: str, dtype: str) -> float:
+    return GPUS[gpu]["tf32"] / 3 if dtype == "fp32" else GPUS[gpu][dtype]
+
+
+def vq_lookup(n: int, d: int, k: int, dtype: str) -> dict:
+    """FLOPs: the N x K x D multiply-adds. Bytes from HBM: z and quantized once, the
+    codebook once (it then stays in L2), indices and distances."""
+    e = BYTES[dtype]
+    flops = 2 * n * k * d
+    hbm = n * d * e * 2 + k * d * e + n * 8 + n * 4
+    out = {"kernel": "vq_lookup", "shape": f"N={n} D={d} K={k} {dtype}",
+           "gflop": flops / 1e9, "hbm_mb": hbm / 1e6}
+    for gpu in GPUS:
+        compute, memory = flops / tensor_peak(gpu, dtype), hbm / GPUS[gpu]["hbm"]
+        out[f"{gpu}_us"] = max(compute, memory) * 1e6
+        out[f"{gpu}_bound"] = "compute" if compute > memory else "memory"
+    return out
+
+
+ROWS = [vq_lookup(16384, 64, 8192, t) for t in ("fp32", "fp16", "bf16")] + [
+    vq_lookup(4096, 256, 1024, "bf16"), vq_lookup(65536, 32, 512, "bf16")]
+
+
+def table(rows=ROWS) -> str:
+    lines = ["| kernel | shape | GFLOP | HBM MB | A100 µs | H100 µs | bound (H100) |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['kernel']} | {r['shape']} | {r['gflop']:.2f} | {r['hbm_mb']:.1f} | "
+                     f"{r['A100_us']:.1f} | {r['H100_us']:.1f} | {r['H100_bound']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table())
