@@ -35,8 +35,39 @@ def vq_lookup(n: int, d: int, k: int, dtype: str) -> dict:
     return out
 
 
+def sample_logits(b: int, v: int, dtype: str, cfg: bool = False) -> dict:
+    """Memory-bound: the floor is reading the logits (twice that with CFG) once from HBM.
+    The kernel's threshold searches re-read each row from L2 (<= ~70 passes with top-k and
+    top-p), which this floor does not count."""
+    hbm = b * v * BYTES[dtype] * (2 if cfg else 1) + b * 12
+    out = {"kernel": "sample_logits", "shape": f"B={b} V={v} {dtype}{' cfg' if cfg else ''}",
+           "gflop": 0.0, "hbm_mb": hbm / 1e6}
+    for gpu in GPUS:
+        out[f"{gpu}_us"] = hbm / GPUS[gpu]["hbm"] * 1e6
+        out[f"{gpu}_bound"] = "memory"
+    return out
+
+
+def linear_cross_entropy(n: int, c: int, v: int, dtype: str) -> dict:
+    """Forward + backward: three N x C x V GEMMs; HBM: hidden, weight and their gradients,
+    plus each chunk of logits written and read twice (it does not stay in L2 at this size)."""
+    e = BYTES[dtype]
+    flops = 3 * 2 * n * c * v
+    hbm = 2 * (n * c + v * c) * e + 3 * n * v * e
+    out = {"kernel": "linear_cross_entropy", "shape": f"N={n} C={c} V={v} {dtype}",
+           "gflop": flops / 1e9, "hbm_mb": hbm / 1e6}
+    for gpu in GPUS:
+        compute, memory = flops / tensor_peak(gpu, dtype), hbm / GPUS[gpu]["hbm"]
+        out[f"{gpu}_us"] = max(compute, memory) * 1e6
+        out[f"{gpu}_bound"] = "compute" if compute > memory else "memory"
+    return out
+
+
 ROWS = [vq_lookup(16384, 64, 8192, t) for t in ("fp32", "fp16", "bf16")] + [
-    vq_lookup(4096, 256, 1024, "bf16"), vq_lookup(65536, 32, 512, "bf16")]
+    vq_lookup(4096, 256, 1024, "bf16"), vq_lookup(65536, 32, 512, "bf16"),
+    sample_logits(256, 8192, "fp32"), sample_logits(256, 8192, "bf16"),
+    sample_logits(256, 8192, "bf16", cfg=True),
+    linear_cross_entropy(8192, 512, 8192, "bf16"), linear_cross_entropy(4096, 256, 16384, "bf16")]
 
 
 def table(rows=ROWS) -> str:

@@ -28,10 +28,10 @@ from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 from triton.runtime.jit import native_specialize_impl
 
-from t2i_kernels import vq
+from t2i_kernels import cross_entropy, sampling, vq
 from t2i_kernels._launch import recording  # noqa: F401 (re-exported for tools)
 
-FAMILIES = {"vq": vq}
+FAMILIES = {"vq": vq, "sampling": sampling, "cross_entropy": cross_entropy}
 ARCHS = (80, 90)
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
