@@ -36,6 +36,23 @@ def median_time(fn, *, rounds: int = 5, warmup: int = 1, device="cpu") -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(*fns, rounds: int = 7, warmup: int = 1, device="cpu") -> list[float]:
+    """Median wall time of each fn, run in turns (a, b, a, b, ...) so that drift in the
+    machine's speed during the run falls on all of them alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, ts in zip(fns, times, strict=True):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            ts.append(time.perf_counter() - start)
+    return [statistics.median(ts) for ts in times]
+
+
 def _proc_status(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

@@ -63,11 +63,38 @@ def linear_cross_entropy(n: int, c: int, v: int, dtype: str) -> dict:
     return out
 
 
+def attention(b: int, h: int, n: int, d: int, prefix: int | None, dtype: str,
+              block_m: int = 64, block_n: int = 32, backward: bool = False) -> dict:
+    """FLOPs over the tiles the kernel visits (a causal/prefix rule bounds each query block's
+    key loop): 4 * rows * keys * D forward (QK^T and PV); backward recomputes QK^T and adds
+    dV, dP, dS and dQ/dK: 2.5x forward (FlashAttention-2's count). HBM: q, k, v, out once
+    (+ dout, dq, dk, dv for backward)."""
+    e = BYTES[dtype]
+    pairs = 0
+    for m0 in range(0, n, block_m):
+        last = min(n, m0 + block_m) - 1
+        hi = n if prefix is None else min(n, max(last, prefix - 1) + 1)
+        pairs += (min(n, m0 + block_m) - m0) * (-(-hi // block_n) * block_n)
+    flops = 4 * b * h * pairs * d * (3.5 if backward else 1.0)
+    hbm = b * h * n * d * e * (8 if backward else 4)
+    kind = "dense" if prefix is None else "causal" if prefix == 0 else f"prefix {prefix}"
+    out = {"kernel": "masked_attention" + (" fwd+bwd" if backward else " fwd"),
+           "shape": f"B={b} H={h} L={n} Dh={d} {kind} {dtype}",
+           "gflop": flops / 1e9, "hbm_mb": hbm / 1e6}
+    for gpu in GPUS:
+        compute, memory = flops / tensor_peak(gpu, dtype), hbm / GPUS[gpu]["hbm"]
+        out[f"{gpu}_us"] = max(compute, memory) * 1e6
+        out[f"{gpu}_bound"] = "compute" if compute > memory else "memory"
+    return out
+
+
 ROWS = [vq_lookup(16384, 64, 8192, t) for t in ("fp32", "fp16", "bf16")] + [
     vq_lookup(4096, 256, 1024, "bf16"), vq_lookup(65536, 32, 512, "bf16"),
     sample_logits(256, 8192, "fp32"), sample_logits(256, 8192, "bf16"),
     sample_logits(256, 8192, "bf16", cfg=True),
-    linear_cross_entropy(8192, 512, 8192, "bf16"), linear_cross_entropy(4096, 256, 16384, "bf16")]
+    linear_cross_entropy(8192, 512, 8192, "bf16"), linear_cross_entropy(4096, 256, 16384, "bf16"),
+    attention(4, 8, 1024, 64, None, "bf16"), attention(4, 8, 1024, 64, 0, "bf16"),
+    attention(4, 8, 1024, 64, 256, "bf16"), attention(4, 8, 1024, 64, 256, "bf16", backward=True)]
 
 
 def table(rows=ROWS) -> str:

@@ -8,9 +8,10 @@ tensors the optimised torch path; `T2I_KERNEL_BACKEND=reference|torch|triton` fo
     >>> indices, quantized = vq_lookup(torch.randn(4, 256, 64), torch.randn(1024, 64))
 """
 
+from t2i_kernels.attention import masked_attention
 from t2i_kernels.cross_entropy import linear_cross_entropy
 from t2i_kernels.sampling import lowest_k_mask, sample_logits
 from t2i_kernels.vq import VQStats, vq_lookup, vq_stats
 
-__all__ = ["VQStats", "linear_cross_entropy", "lowest_k_mask", "sample_logits", "vq_lookup",
-           "vq_stats"]
+__all__ = ["VQStats", "linear_cross_entropy", "lowest_k_mask", "masked_attention",
+           "sample_logits", "vq_lookup", "vq_stats"]

@@ -15,6 +15,7 @@ tensor-core instructions.
 """
 
 import argparse
+import multiprocessing
 import os
 import re
 import subprocess
@@ -28,10 +29,11 @@ from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 from triton.runtime.jit import native_specialize_impl
 
-from t2i_kernels import cross_entropy, sampling, vq
+from t2i_kernels import attention, cross_entropy, sampling, vq
 from t2i_kernels._launch import recording  # noqa: F401 (re-exported for tools)
 
-FAMILIES = {"vq": vq, "sampling": sampling, "cross_entropy": cross_entropy}
+FAMILIES = {"vq": vq, "attention": attention, "sampling": sampling,
+            "cross_entropy": cross_entropy}
 ARCHS = (80, 90)
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -142,6 +144,28 @@ def compile_one(launch: Launch, arch: int, sass_dir: str | None = None) -> Repor
     return report
 
 
+_TASKS: list[tuple[Launch, int, str | None]] = []  # inherited by forked workers
+
+
+def _compile_task(i: int) -> Report:
+    report = compile_one(*_TASKS[i])
+    report.launch = None  # kernel objects do not cross processes; the parent re-attaches
+    return report
+
+
+def compile_all(launches: list[Launch], archs, sass_dir=None, jobs: int = 1) -> list[Report]:
+    """Compile every (launch, arch); in `jobs` forked processes (no GPU, no CUDA state)."""
+    global _TASKS
+    _TASKS = [(launch, arch, sass_dir) for launch in launches for arch in archs]
+    if jobs <= 1:
+        return [compile_one(*task) for task in _TASKS]
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        reports = pool.map(_compile_task, range(len(_TASKS)), chunksize=1)
+    for report, (launch, _, _) in zip(reports, _TASKS, strict=True):
+        report.launch = launch
+    return reports
+
+
 def table(reports: list[Report]) -> str:
     rows = ["| kernel | specialisation | arch | warps | registers | spills (B) | shared (B) "
             "| tensor-core ops | status |",
@@ -160,6 +184,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", choices=sorted(FAMILIES), default=sorted(FAMILIES))
     parser.add_argument("--match", help="only specialisations whose label contains this")
     parser.add_argument("--sass", metavar="DIR", help="also write each kernel's SASS here")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="compiler processes (default: one per core)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter replaces compilation")
@@ -169,7 +195,7 @@ def main(argv=None) -> int:
                 if args.match is None or args.match in launch.label]
     if not launches:
         parser.error(f"no specialisation matches {args.match!r}")
-    reports = [compile_one(launch, arch, args.sass) for launch in launches for arch in args.arch]
+    reports = compile_all(launches, args.arch, args.sass, args.jobs)
     print(table(reports))
     failed = [r for r in reports if not r.ok]
     print(f"\n{len(reports) - len(failed)} of {len(reports)} specialisations compiled "
