@@ -20,19 +20,24 @@ def tensor_peak(gpu: str, dtype: str) -> float:
     return GPUS[gpu]["tf32"] / 3 if dtype == "fp32" else GPUS[gpu][dtype]
 
 
+def _row(kernel: str, shape: str, flops: float, hbm: float, dtype: str) -> dict:
+    """The time each GPU needs: the larger of compute (tensor peak) and HBM traffic."""
+    out = {"kernel": kernel, "shape": shape, "gflop": flops / 1e9, "hbm_mb": hbm / 1e6}
+    for gpu in GPUS:
+        compute = flops / tensor_peak(gpu, dtype) if flops else 0.0
+        memory = hbm / GPUS[gpu]["hbm"]
+        out[f"{gpu}_us"] = max(compute, memory) * 1e6
+        out[f"{gpu}_bound"] = "compute" if compute > memory else "memory"
+    return out
+
+
 def vq_lookup(n: int, d: int, k: int, dtype: str) -> dict:
     """FLOPs: the N x K x D multiply-adds. Bytes from HBM: z and quantized once, the
     codebook once (it then stays in L2), indices and distances."""
     e = BYTES[dtype]
     flops = 2 * n * k * d
     hbm = n * d * e * 2 + k * d * e + n * 8 + n * 4
-    out = {"kernel": "vq_lookup", "shape": f"N={n} D={d} K={k} {dtype}",
-           "gflop": flops / 1e9, "hbm_mb": hbm / 1e6}
-    for gpu in GPUS:
-        compute, memory = flops / tensor_peak(gpu, dtype), hbm / GPUS[gpu]["hbm"]
-        out[f"{gpu}_us"] = max(compute, memory) * 1e6
-        out[f"{gpu}_bound"] = "compute" if compute > memory else "memory"
-    return out
+    return _row("vq_lookup", f"N={n} D={d} K={k} {dtype}", flops, hbm, dtype)
 
 
 def sample_logits(b: int, v: int, dtype: str, cfg: bool = False) -> dict:
@@ -40,12 +45,7 @@ def sample_logits(b: int, v: int, dtype: str, cfg: bool = False) -> dict:
     The kernel's threshold searches re-read each row from L2 (<= ~70 passes with top-k and
     top-p), which this floor does not count."""
     hbm = b * v * BYTES[dtype] * (2 if cfg else 1) + b * 12
-    out = {"kernel": "sample_logits", "shape": f"B={b} V={v} {dtype}{' cfg' if cfg else ''}",
-           "gflop": 0.0, "hbm_mb": hbm / 1e6}
-    for gpu in GPUS:
-        out[f"{gpu}_us"] = hbm / GPUS[gpu]["hbm"] * 1e6
-        out[f"{gpu}_bound"] = "memory"
-    return out
+    return _row("sample_logits", f"B={b} V={v} {dtype}{' cfg' if cfg else ''}", 0, hbm, dtype)
 
 
 def linear_cross_entropy(n: int, c: int, v: int, dtype: str) -> dict:
@@ -54,13 +54,7 @@ def linear_cross_entropy(n: int, c: int, v: int, dtype: str) -> dict:
     e = BYTES[dtype]
     flops = 3 * 2 * n * c * v
     hbm = 2 * (n * c + v * c) * e + 3 * n * v * e
-    out = {"kernel": "linear_cross_entropy", "shape": f"N={n} C={c} V={v} {dtype}",
-           "gflop": flops / 1e9, "hbm_mb": hbm / 1e6}
-    for gpu in GPUS:
-        compute, memory = flops / tensor_peak(gpu, dtype), hbm / GPUS[gpu]["hbm"]
-        out[f"{gpu}_us"] = max(compute, memory) * 1e6
-        out[f"{gpu}_bound"] = "compute" if compute > memory else "memory"
-    return out
+    return _row("linear_cross_entropy", f"N={n} C={c} V={v} {dtype}", flops, hbm, dtype)
 
 
 def attention(b: int, h: int, n: int, d: int, prefix: int | None, dtype: str,
@@ -78,14 +72,8 @@ def attention(b: int, h: int, n: int, d: int, prefix: int | None, dtype: str,
     flops = 4 * b * h * pairs * d * (3.5 if backward else 1.0)
     hbm = b * h * n * d * e * (8 if backward else 4)
     kind = "dense" if prefix is None else "causal" if prefix == 0 else f"prefix {prefix}"
-    out = {"kernel": "masked_attention" + (" fwd+bwd" if backward else " fwd"),
-           "shape": f"B={b} H={h} L={n} Dh={d} {kind} {dtype}",
-           "gflop": flops / 1e9, "hbm_mb": hbm / 1e6}
-    for gpu in GPUS:
-        compute, memory = flops / tensor_peak(gpu, dtype), hbm / GPUS[gpu]["hbm"]
-        out[f"{gpu}_us"] = max(compute, memory) * 1e6
-        out[f"{gpu}_bound"] = "compute" if compute > memory else "memory"
-    return out
+    return _row("masked_attention" + (" fwd+bwd" if backward else " fwd"),
+                f"B={b} H={h} L={n} Dh={d} {kind} {dtype}", flops, hbm, dtype)
 
 
 ROWS = [vq_lookup(16384, 64, 8192, t) for t in ("fp32", "fp16", "bf16")] + [

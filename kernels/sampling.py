@@ -62,6 +62,32 @@ def _guided(p_x, p_c, o, mask, scale, cfg_scale, has_cfg):
     return tl.where(x == x, x, float("-inf"))
 
 
+@triton.jit
+def _count_above(p_x, p_c, V, scale, cfg_scale, has_cfg, thr, BLOCK_V: tl.constexpr):
+    """How many of the row's keys exceed `thr` (keys are integers: >= t is > t - 1)."""
+    n = 0
+    for v0 in range(0, V, BLOCK_V):
+        o = v0 + tl.arange(0, BLOCK_V)
+        x = _guided(p_x, p_c, o, o < V, scale, cfg_scale, has_cfg)
+        n += tl.sum((_ordered_key(x) > thr).to(tl.int32), 0)
+    return n
+
+
+@triton.jit
+def _kept_mass_above(p_x, p_c, V, scale, cfg_scale, has_cfg, ref, k_key, k_ties, thr,
+                     BLOCK_V: tl.constexpr):
+    """Sum of exp(x - ref) over the top-k set's keys that exceed `thr`."""
+    mass = 0.0
+    seen = 0
+    for v0 in range(0, V, BLOCK_V):
+        o = v0 + tl.arange(0, BLOCK_V)
+        x = _guided(p_x, p_c, o, o < V, scale, cfg_scale, has_cfg)
+        key = _ordered_key(x)
+        keep, seen = _tie_keep(key, k_key, k_ties, seen)
+        mass += tl.sum(tl.where(keep & (key > thr), tl.exp(x - ref), 0.0), 0)
+    return mass
+
+
 # The switches are runtime scalars, not constexprs: they are uniform over a launch, so the
 # branches cost next to nothing, and one compiled kernel per dtype serves every setting.
 @triton.jit(do_not_specialize=["top_k", "greedy", "has_cfg", "use_topk", "use_topp",
@@ -93,59 +119,31 @@ def _sample_logits_fwd_kernel(
         lo, hi = k_key, top
         while lo < hi:
             mid = lo + (hi - lo + 1) // 2
-            n = 0
-            for v0 in range(0, V, BLOCK_V):
-                o = v0 + o_v
-                x = _guided(p_x, p_c, o, o < V, scale, cfg_scale, has_cfg)
-                n += tl.sum((_ordered_key(x) >= mid).to(tl.int32), 0)
-            if n >= top_k:
+            if _count_above(p_x, p_c, V, scale, cfg_scale, has_cfg, mid - 1, BLOCK_V) >= top_k:
                 lo = mid
             else:
                 hi = mid - 1
         k_key = lo
-        n_above = 0
-        for v0 in range(0, V, BLOCK_V):
-            o = v0 + o_v
-            x = _guided(p_x, p_c, o, o < V, scale, cfg_scale, has_cfg)
-            n_above += tl.sum((_ordered_key(x) > k_key).to(tl.int32), 0)
+        n_above = _count_above(p_x, p_c, V, scale, cfg_scale, has_cfg, k_key, BLOCK_V)
         k_ties = (top_k - n_above).to(tl.int64)
 
     # top-p over the top-k set: the largest key whose kept mass at or above reaches p
     p_key = k_key
     p_ties = top * 0 + V
     if use_topp != 0:
-        mass = 0.0
-        seen = 0
-        for v0 in range(0, V, BLOCK_V):
-            o = v0 + o_v
-            x = _guided(p_x, p_c, o, o < V, scale, cfg_scale, has_cfg)
-            keep, seen = _tie_keep(_ordered_key(x), k_key, k_ties, seen)
-            mass += tl.sum(tl.where(keep, tl.exp(x - ref), 0.0), 0)
-        target = top_p * mass
+        target = top_p * _kept_mass_above(p_x, p_c, V, scale, cfg_scale, has_cfg, ref, k_key,
+                                          k_ties, _NO_KEY, BLOCK_V)
         lo, hi = k_key, top
         while lo < hi:
             mid = lo + (hi - lo + 1) // 2
-            m_mid = 0.0
-            seen = 0
-            for v0 in range(0, V, BLOCK_V):
-                o = v0 + o_v
-                x = _guided(p_x, p_c, o, o < V, scale, cfg_scale, has_cfg)
-                key = _ordered_key(x)
-                keep, seen = _tie_keep(key, k_key, k_ties, seen)
-                m_mid += tl.sum(tl.where(keep & (key >= mid), tl.exp(x - ref), 0.0), 0)
-            if m_mid >= target:
+            if _kept_mass_above(p_x, p_c, V, scale, cfg_scale, has_cfg, ref, k_key, k_ties,
+                                mid - 1, BLOCK_V) >= target:
                 lo = mid
             else:
                 hi = mid - 1
         p_key = lo
-        m_above = 0.0
-        seen = 0
-        for v0 in range(0, V, BLOCK_V):
-            o = v0 + o_v
-            x = _guided(p_x, p_c, o, o < V, scale, cfg_scale, has_cfg)
-            key = _ordered_key(x)
-            keep, seen = _tie_keep(key, k_key, k_ties, seen)
-            m_above += tl.sum(tl.where(keep & (key > p_key), tl.exp(x - ref), 0.0), 0)
+        m_above = _kept_mass_above(p_x, p_c, V, scale, cfg_scale, has_cfg, ref, k_key, k_ties,
+                                   p_key, BLOCK_V)
         # ties at the threshold, in index order, until the mass reaches the target
         need = (target - m_above) / tl.exp(_key_value(p_key) - ref)
         p_ties = need.to(tl.int64)
@@ -271,7 +269,8 @@ def sample_logits_fwd(logits: torch.Tensor, *, temperature: float = 1.0, top_k: 
         1.0 if greedy else 1.0 / temperature, top_k if use_topk else v,
         top_p if use_topp else 1.0, cfg_scale if has_cfg else 0.0,
         int(greedy), int(has_cfg), int(use_topk), int(use_topp), int(noise is not None),
-        BLOCK_V=_block(v), num_warps=16)
+        BLOCK_V=_block(v), num_warps=16,
+        maxnreg=128)  # the 16-warp ceiling; ptxas alone budgeted 64 and spilled on sm_90
     return tokens, probs
 
 
