@@ -48,6 +48,13 @@ def _visible(i_b, i_h, o_m, o_n, m_m, m_n, limit, check_limit, kpm_ptr, skpm_b, 
 
 
 @triton.jit
+def _load_rows(ptr, i_b, i_h, s_b, s_h, s_l, o_l, m_l, o_d, m_d):
+    """Rows o_l of head (i_b, i_h) of a [B, H, L, D] tensor: [rows, D_PAD], 0 outside."""
+    return tl.load(ptr + i_b * s_b + i_h * s_h + o_l[:, None] * s_l + o_d[None, :],
+                   mask=m_l[:, None] & m_d[None, :], other=0.0)
+
+
+@triton.jit
 def _dropout_keep(seed, i_bh, o_m, o_n, Lq, Lk, dropout_p):
     """Philox keep-mask of a tile; the same offsets in forward and backward."""
     return tl.rand(seed, (i_bh * Lq + o_m[:, None]) * Lk + o_n[None, :]) >= dropout_p
@@ -89,8 +96,7 @@ def _attention_fwd_kernel(
     o_d = tl.arange(0, D_PAD)
     m_m, m_d = o_m < Lq, o_d < D
     off = Lk - Lq
-    b_q = tl.load(q_ptr + i_b * sq_b + i_h * sq_h + o_m[:, None] * sq_l + o_d[None, :],
-                  mask=m_m[:, None] & m_d[None, :], other=0.0)
+    b_q = _load_rows(q_ptr, i_b, i_h, sq_b, sq_h, sq_l, o_m, m_m, o_d, m_d)
     hi, full, p_len = _key_range(i_b, i_m * BLOCK_M, tl.minimum(i_m * BLOCK_M + BLOCK_M, Lq) - 1,
                                  off, prefix_ptr, klen_ptr, is_prefix)
     limit = tl.maximum(o_m + off, p_len - 1)
@@ -100,13 +106,11 @@ def _attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    p_k = k_ptr + i_b * sk_b + i_h * sk_h + o_d[None, :]
-    p_v = v_ptr + i_b * sv_b + i_h * sv_h + o_d[None, :]
     for n0 in range(0, hi, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
         m_n = o_n < Lk
-        b_k = tl.load(p_k + o_n[:, None] * sk_l, mask=m_n[:, None] & m_d[None, :], other=0.0)
-        b_v = tl.load(p_v + o_n[:, None] * sv_l, mask=m_n[:, None] & m_d[None, :], other=0.0)
+        b_k = _load_rows(k_ptr, i_b, i_h, sk_b, sk_h, sk_l, o_n, m_n, o_d, m_d)
+        b_v = _load_rows(v_ptr, i_b, i_h, sv_b, sv_h, sv_l, o_n, m_n, o_d, m_d)
         s = tl.dot(b_q, tl.trans(b_k)) * qk_scale
         check = (is_prefix != 0) & (n0 + BLOCK_N > full)  # a tile past `full` needs the limit
         vis = _visible(i_b, i_h, o_m, o_n, m_m, m_n, limit, check, kpm_ptr, skpm_b, mask_ptr,
@@ -149,10 +153,8 @@ def _attention_bwd_dkdv_kernel(
     o_d = tl.arange(0, D_PAD)
     m_n, m_d = o_n < Lk, o_d < D
     off = Lk - Lq
-    b_k = tl.load(k_ptr + i_b * sk_b + i_h * sk_h + o_n[:, None] * sk_l + o_d[None, :],
-                  mask=m_n[:, None] & m_d[None, :], other=0.0)
-    b_v = tl.load(v_ptr + i_b * sv_b + i_h * sv_h + o_n[:, None] * sv_l + o_d[None, :],
-                  mask=m_n[:, None] & m_d[None, :], other=0.0)
+    b_k = _load_rows(k_ptr, i_b, i_h, sk_b, sk_h, sk_l, o_n, m_n, o_d, m_d)
+    b_v = _load_rows(v_ptr, i_b, i_h, sv_b, sv_h, sv_l, o_n, m_n, o_d, m_d)
     # the rows that see some key of this block start at m_lo; rows below `partial` may not
     # see all of them (key j is visible from row i when j <= max(i + off, P - 1))
     zero = (i_n * 0).to(tl.int64)
@@ -175,10 +177,8 @@ def _attention_bwd_dkdv_kernel(
     for m0 in range(m_lo, m_hi, BLOCK_M):
         o_m = m0 + tl.arange(0, BLOCK_M)
         m_m = o_m < Lq
-        b_q = tl.load(q_ptr + i_b * sq_b + i_h * sq_h + o_m[:, None] * sq_l + o_d[None, :],
-                      mask=m_m[:, None] & m_d[None, :], other=0.0)
-        b_do = tl.load(do_ptr + i_b * sdo_b + i_h * sdo_h + o_m[:, None] * sdo_l + o_d[None, :],
-                       mask=m_m[:, None] & m_d[None, :], other=0.0)
+        b_q = _load_rows(q_ptr, i_b, i_h, sq_b, sq_h, sq_l, o_m, m_m, o_d, m_d)
+        b_do = _load_rows(do_ptr, i_b, i_h, sdo_b, sdo_h, sdo_l, o_m, m_m, o_d, m_d)
         lse = tl.load(lse_ptr + i_bh * Lq + o_m, mask=m_m, other=float("inf"))
         delta = tl.load(delta_ptr + i_bh * Lq + o_m, mask=m_m, other=0.0)
         s = tl.dot(b_q, tl.trans(b_k)) * qk_scale
@@ -224,8 +224,7 @@ def _attention_bwd_dq_kernel(
     off = Lk - Lq
     p_row = i_b * sq_b + i_h * sq_h + o_m[:, None] * sq_l + o_d[None, :]
     b_q = tl.load(q_ptr + p_row, mask=m_m[:, None] & m_d[None, :], other=0.0)
-    b_do = tl.load(do_ptr + i_b * sdo_b + i_h * sdo_h + o_m[:, None] * sdo_l + o_d[None, :],
-                   mask=m_m[:, None] & m_d[None, :], other=0.0)
+    b_do = _load_rows(do_ptr, i_b, i_h, sdo_b, sdo_h, sdo_l, o_m, m_m, o_d, m_d)
     lse = tl.load(lse_ptr + i_bh * Lq + o_m, mask=m_m, other=float("inf"))
     delta = tl.load(delta_ptr + i_bh * Lq + o_m, mask=m_m, other=0.0)
     hi, full, p_len = _key_range(i_b, i_m * BLOCK_M, tl.minimum(i_m * BLOCK_M + BLOCK_M, Lq) - 1,
@@ -235,13 +234,11 @@ def _attention_bwd_dq_kernel(
     qk_scale = scale * _LOG2E
 
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    p_k = k_ptr + i_b * sk_b + i_h * sk_h + o_d[None, :]
-    p_v = v_ptr + i_b * sv_b + i_h * sv_h + o_d[None, :]
     for n0 in range(0, hi, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
         m_n = o_n < Lk
-        b_k = tl.load(p_k + o_n[:, None] * sk_l, mask=m_n[:, None] & m_d[None, :], other=0.0)
-        b_v = tl.load(p_v + o_n[:, None] * sv_l, mask=m_n[:, None] & m_d[None, :], other=0.0)
+        b_k = _load_rows(k_ptr, i_b, i_h, sk_b, sk_h, sk_l, o_n, m_n, o_d, m_d)
+        b_v = _load_rows(v_ptr, i_b, i_h, sv_b, sv_h, sv_l, o_n, m_n, o_d, m_d)
         s = tl.dot(b_q, tl.trans(b_k)) * qk_scale
         p = tl.exp2(s - lse[:, None] * _LOG2E)
         check = (is_prefix != 0) & (n0 + BLOCK_N > full)  # a tile past `full` needs the limit
@@ -751,14 +748,3 @@ def _external_attention(q, k, v, prefix_len, key_padding_mask, attn_mask, dropou
     out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                           dropout_p=dropout_p, softmax_scale=scale, causal=causal)
     return out.transpose(1, 2)
-
-
-def attention_flops(b: int, h: int, lq: int, lk: int, d: int, prefix: int | None) -> int:
-    """Forward FLOPs over visible (query, key) pairs only: 4 * pairs * Dh (QK^T and PV)."""
-    if prefix is None:
-        pairs = lq * lk
-    else:
-        off = lk - lq
-        pairs = sum(min(lk, max(i + off, prefix - 1) + 1) for i in range(lq))
-    return 4 * b * h * pairs * d
-

@@ -308,18 +308,20 @@ def _nan_to(x: torch.Tensor, value: float) -> torch.Tensor:
     return torch.where(torch.isnan(x), value, x)
 
 
-def _guided_reference(logits, temperature, cond_logits, cfg_scale):
+def _guided_logits(logits, temperature, cond_logits, cfg_scale):
+    """fp32 CFG-combined, temperature-scaled logits, NaN -> -inf (T = 0 and 1: unscaled)."""
     x = logits.float()
     if cond_logits is not None:
         x = x + cfg_scale * (cond_logits.float() - x)
-    x = x / temperature if temperature > 0 else x
-    return _nan_to(x, float("-inf"))
+    if temperature not in (0, 1):
+        x = x / temperature
+    return _nan_to(x, float("-inf")) if torch.isnan(x).any() else x
 
 
 def filtered_probs_reference(logits, *, temperature=1.0, top_k=None, top_p=None,
                              cond_logits=None, cfg_scale=None):
     """The distribution tokens are drawn from, by sorting: [B, V] -> probs fp32 [B, V]."""
-    x = _guided_reference(logits, temperature, cond_logits, cfg_scale)
+    x = _guided_logits(logits, temperature, cond_logits, cfg_scale)
     order = torch.sort(x, dim=-1, descending=True, stable=True).indices  # ties: index order
     xs = x.gather(-1, order)
     keep = torch.ones_like(xs, dtype=torch.bool)
@@ -342,7 +344,7 @@ def sample_logits_reference(logits, *, temperature=1.0, top_k=None, top_p=None,
                                      top_k=top_k, top_p=top_p, cond_logits=cond_logits,
                                      cfg_scale=cfg_scale)
     if greedy:
-        x = _guided_reference(logits, 1.0, cond_logits, cfg_scale)
+        x = _guided_logits(logits, 1.0, cond_logits, cfg_scale)
         tokens = torch.where(probs > 0, x, float("-inf")).argmax(-1)
     elif noise is not None:  # exponential race: argmax p / E with E = -log u
         tokens = (probs / -torch.log(noise.float())).argmax(-1)
@@ -368,23 +370,13 @@ def lowest_k_mask_reference(scores, k):
 # ----------------------------------------------------------------------------- torch path
 
 
-def _guided_torch(logits, temperature, cond_logits, cfg_scale):
-    """_guided_reference without the passes that change nothing (T = 1, no NaN)."""
-    x = logits.float()
-    if cond_logits is not None:
-        x = x + cfg_scale * (cond_logits.float() - x)
-    if temperature not in (0, 1):
-        x = x / temperature
-    return _nan_to(x, float("-inf")) if torch.isnan(x).any() else x
-
-
 def sample_logits_torch(logits, *, temperature=1.0, top_k=None, top_p=None, cond_logits=None,
                         cfg_scale=None, noise=None, generator=None):
     """CPU sampling: top-k by torch.topk of k only; top-p inside the k candidates (a full
     stable sort only when there is no top-k); the exponential race on the kept tokens.
     logits [B, V] -> (tokens long [B], probs fp32 [B])."""
     greedy = temperature == 0
-    x = _guided_torch(logits, temperature, cond_logits, cfg_scale)
+    x = _guided_logits(logits, temperature, cond_logits, cfg_scale)
     b, v = x.shape
     lse = None  # log-normaliser of the distribution top-p acts on; None: the candidates'
     if top_k is not None and top_k < v:

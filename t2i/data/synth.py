@@ -51,10 +51,6 @@ def write_shard(out: str, split: str, shard: int, start: int, stop: int, size: i
     return stop - start
 
 
-def _write_shard_job(job: tuple) -> int:
-    return write_shard(*job)
-
-
 def read_split(directory: str) -> dict:
     with open(os.path.join(directory, "split.json")) as f:
         return json.load(f)
@@ -93,7 +89,7 @@ def synthesize(out: str, num: int, size: int = 32, seed: int = 0, val_fraction: 
     with tqdm(total=num, unit="img", desc=f"synth {size}px", disable=not progress) as bar:
         if workers > 1 and len(jobs) > 1:
             with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
-                for n in pool.map(_write_shard_job, jobs):
+                for n in pool.map(write_shard, *zip(*jobs, strict=True)):
                     bar.update(n)
         else:
             for job in jobs:
