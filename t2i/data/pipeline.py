@@ -15,6 +15,13 @@ gets the same number of samples to within one, and the whole order is fixed by s
 epoch alone. Readers index every shard from its tar headers (cheap: data is skipped by
 seeking) and read the bytes of their own samples only.
 
+Resuming. Each batch carries its reader and the epoch position of its last sample; the
+pipeline keeps, per reader, the last position handed out (`position()`). Given that back
+(`epoch(e, resume=...)`), every reader starts after it, and the DataLoader's round-robin
+over workers is rotated so that the batches come in the order the interrupted epoch would
+have produced them (exact while every worker still has data; in an epoch's last few
+batches it can only reorder, never repeat or drop, samples).
+
 Bad input never stops a run. Each case is handled (converted, truncated) or the sample is
 skipped; either way it is counted in shared memory across workers, warned about a few times
 per reader, and summarised at the end of the epoch (`ImageTextPipeline.epoch`).
@@ -181,6 +188,8 @@ class ShardDataset(IterableDataset):
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
         self.epoch = 0
+        self.resume: dict[int, int] = {}  # reader -> last position already consumed
+        self.worker_shift = 0  # rotates worker ids, to continue a DataLoader's round-robin
         self.issues = DataIssues()
         self._indices: dict[str, ShardIndex] = {}  # per reader process, kept across epochs
 
@@ -202,6 +211,7 @@ class ShardDataset(IterableDataset):
     def _reader(self) -> tuple[int, int]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        worker = (worker + self.worker_shift) % workers
         return self.rank * workers + worker, self.world_size * workers
 
     def __iter__(self) -> Iterator[dict]:
@@ -219,13 +229,16 @@ class ShardDataset(IterableDataset):
                 within = range(n)
             # positions position..position+n-1 belong to this shard; ours are ≡ reader mod readers
             first = (reader - position) % readers
-            mine = [int(within[j]) for j in range(first, n, readers)]
+            done = self.resume.get(reader, -1) - position  # already consumed before a resume
+            if done >= first:
+                first += (done - first) // readers * readers + readers
+            mine = [(j, int(within[j])) for j in range(first, n, readers)]
             position += n
             if not mine:
                 continue
             with open(path, "rb") as f:
-                for j in mine:
-                    key, members = index.samples[j]
+                for j, k in mine:
+                    key, members = index.samples[k]
                     try:
                         fields = read_members(f, members)
                     except (TarFormatError, OSError):
@@ -234,6 +247,7 @@ class ShardDataset(IterableDataset):
                     sample = decode_sample(key, fields, image_size=self.image_size,
                                            tokenizer=self.tokenizer, issues=self.issues)
                     if sample is not None:
+                        sample["reader"], sample["position"] = reader, position - n + j
                         yield sample
 
 
@@ -245,6 +259,9 @@ def collate(samples: list[dict], tokenizer: Tokenizer) -> dict:
         "text_mask": mask,
         "caption": [s["caption"] for s in samples],
         "key": [s["key"] for s in samples],
+        # a reader batches its own samples only: one reader, positions increasing
+        "reader": samples[0]["reader"],
+        "position": samples[-1]["position"],
     }
     if any("seg" in s for s in samples):
         size = samples[0]["image"].shape[-2:]
@@ -278,14 +295,35 @@ class ImageTextPipeline:
                                     split=split, seed=seed, shuffle=shuffle, rank=rank,
                                     world_size=world_size)
         self.loader = DataLoader(self.dataset, batch_size=batch_size, num_workers=num_workers,
-                                 collate_fn=_Collate(tokenizer), drop_last=drop_last)
+                                 collate_fn=_Collate(tokenizer), drop_last=drop_last,
+                                 # its own generator: starting an epoch must not draw from
+                                 # the global RNG, or a resumed run would diverge
+                                 generator=torch.Generator().manual_seed(seed))
         self.last_issues: dict[str, int] = {}
+        self._state = {"epoch": 0, "batches": 0, "readers": {}}
 
-    def epoch(self, epoch: int) -> Iterator[dict]:
-        """The batches of one epoch; bad input is summarised in the log at its end."""
+    def position(self) -> dict:
+        """Where the batches handed out so far end: give it to `epoch(resume=...)`."""
+        return {"epoch": self._state["epoch"], "batches": self._state["batches"],
+                "readers": dict(self._state["readers"])}
+
+    def epoch(self, epoch: int, resume: dict | None = None) -> Iterator[dict]:
+        """The batches of one epoch; bad input is summarised in the log at its end.
+
+        `resume`: a `position()` taken in this epoch; the epoch continues after it."""
+        if resume is not None and resume["epoch"] != epoch:
+            raise ValueError(f"resume position is in epoch {resume['epoch']}, not {epoch}")
+        state = resume or {"epoch": epoch, "batches": 0, "readers": {}}
+        self._state = {"epoch": epoch, "batches": state["batches"],
+                       "readers": {int(r): p for r, p in state["readers"].items()}}
         self.dataset.set_epoch(epoch)  # workers are made per epoch and copy the dataset
+        self.dataset.resume = dict(self._state["readers"])
+        self.dataset.worker_shift = self._state["batches"] % max(1, self.loader.num_workers)
         self.dataset.issues.reset()
-        yield from self.loader
+        for batch in self.loader:
+            self._state["batches"] += 1
+            self._state["readers"][batch["reader"]] = batch["position"]
+            yield batch
         self.last_issues = self.dataset.issues.totals()
         if self.last_issues:
             log.warning("epoch %d data: %s", epoch, self.dataset.issues.summary())

@@ -186,3 +186,37 @@ def test_a_source_with_no_shards_is_an_error_naming_it(tmp_path, make, source, m
 def test_a_split_that_does_not_exist_is_an_error(synth_dir):
     with pytest.raises(ValueError, match="no split 'test'"):
         resolve_shards(synth_dir, split="test")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("stop_after", [1, 3, 4])
+def test_resuming_from_a_position_continues_the_epoch_exactly(synth_dir, num_workers,
+                                                              stop_after):
+    def pipe():
+        return ImageTextPipeline(synth_dir, tokenizer=TOKENIZER, image_size=32, batch_size=8,
+                                 num_workers=num_workers, seed=3)
+
+    whole = [batch["key"] for batch in pipe().epoch(1)]
+    first = pipe()
+    head = []
+    for batch in first.epoch(1):
+        head.append(batch["key"])
+        if len(head) == stop_after:
+            break
+    position = first.position()
+    assert position["batches"] == stop_after
+    tail = [batch["key"] for batch in pipe().epoch(1, resume=position)]
+    assert head + tail == whole
+    with pytest.raises(ValueError, match="epoch 1, not 2"):
+        next(iter(pipe().epoch(2, resume=position)))
+
+
+def test_bad_samples_do_not_shift_a_resumed_position(bad_shards):
+    def pipe():
+        return ImageTextPipeline(str(bad_shards), tokenizer=ByteTokenizer(24), image_size=8,
+                                 batch_size=3, shuffle=False)
+
+    first = pipe()
+    head = next(iter(first.epoch(0)))["key"]
+    tail = [k for batch in pipe().epoch(0, resume=first.position()) for k in batch["key"]]
+    assert head + tail == ["ok0", "grey", "rgba", "palette", "long", "ok1", "tail0", "tail1"]

@@ -1,0 +1,1 @@
+"""The training system behind training/train.py: config checking, the loop, checkpoints."""

@@ -1,0 +1,71 @@
+"""What a family stage gives the training loop: its modules and how to train them.
+
+A family module (t2i/models/<family>.py) defines its config dataclass, its model and one
+Task subclass per stage; the registry in t2i/models/__init__.py maps the config's
+`model.family` to that module. train.py knows nothing else about any family.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def unwrap(engine) -> nn.Module:
+    """The nn.Module inside a DeepSpeed engine (or the module itself)."""
+    return getattr(engine, "module", engine)
+
+
+@contextmanager
+def frozen(module: nn.Module):
+    """Parameters of `module` take no gradient inside (a GAN's discriminator while the
+    generator's loss goes through it), restored afterwards."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class Task:
+    """One family stage's recipe.
+
+    `model` is the module exported for inference (model.safetensors). `modules()` lists
+    every trained module, the model first; each gets its own optimiser and DeepSpeed
+    engine (a GAN: generator, then discriminator). `losses` yields, in order, one
+    (module name, loss, logs) per optimiser for a batch; the loop checks the loss, runs
+    backward and steps that module's engine before asking for the next.
+    """
+
+    family = ""
+    stage = ""
+
+    def __init__(self, config, data):
+        self.config = config  # the family's config dataclass
+        self.data = data  # t2i.training.config.DataConfig
+        self.model: nn.Module
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def lr_scale(self, name: str) -> float:
+        """Learning rate of module `name` relative to run.lr."""
+        return 1.0
+
+    def losses(self, engines: dict, batch: dict, step: int
+               ) -> Iterator[tuple[str, torch.Tensor, dict[str, float]]]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def samples(self, model: nn.Module, batch: dict) -> list[torch.Tensor]:
+        """Rows of a sample grid, each [N, 3, H, W] in [-1, 1]."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: list[dict]) -> dict[str, float]:
+        """Validation metrics of the model on these batches."""
+        raise NotImplementedError

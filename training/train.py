@@ -1,0 +1,75 @@
+"""Train any t2i model: the one entry point.
+
+    deepspeed training/train.py --config training/configs/vqgan_shapes.yaml \
+        [--deepspeed_config training/configs/ds_zero2.json] [--resume] [key=value ...]
+    python training/train.py --config ...              (one process, no launcher)
+    deepspeed --num_gpus 2 training/train.py ...        (two local ranks; on CPU too)
+
+The YAML holds model, data and run settings (t2i/training/config.py documents every key);
+the DeepSpeed JSON holds ZeRO stage, precision, micro-batch and accumulation. Overrides
+such as `run.steps=100 model.num_codes=256` change the YAML's values. A run directory with
+a complete checkpoint is resumed automatically (--no-resume starts over and fails if one
+exists).
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+import deepspeed
+
+from t2i.training.config import ConfigError, load_config
+from t2i.training.loop import Trainer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_DS_CONFIG = os.path.join(HERE, "configs", "ds_zero2.json")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=os.path.join(HERE, "configs", "vqgan_shapes.yaml"),
+                        help="YAML with model / data / run sections (default: the VQGAN "
+                             "tokenizer on the synthetic scenes)")
+    parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
+                        help="set by the deepspeed launcher")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", default=None,
+                        help="continue from the run directory's latest checkpoint (default: "
+                             "when it has one)")
+    resume.add_argument("--no-resume", dest="resume", action="store_false",
+                        help="start from scratch; fails if the run directory has checkpoints")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. run.steps=100")
+    parser = deepspeed.add_config_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        config, _ = load_config(args.config, args.overrides)
+        ds_config = args.deepspeed_config or DEFAULT_DS_CONFIG
+        if not os.path.exists(ds_config):
+            raise ConfigError(f"--deepspeed_config {ds_config}: no such file")
+        if args.resume is False and os.path.isdir(os.path.join(config.run.out, "checkpoints")):
+            raise ConfigError(f"--no-resume: {config.run.out} already has checkpoints; "
+                              f"choose another run.out or delete them")
+        trainer = Trainer(config, ds_config, resume=args.resume)
+    except ConfigError as e:
+        print(f"train.py: config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        metrics = trainer.train()
+    except FloatingPointError as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        return 1
+    if trainer.rank == 0:
+        print(f"done: {config.run.out} (step {trainer.step}); validation: "
+              + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
