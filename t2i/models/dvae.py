@@ -19,7 +19,7 @@ from torch import nn
 
 from t2i.eval.metrics import codebook_stats, psnr
 from t2i.models import Pretrained
-from t2i.modules.conv import Decoder, Encoder
+from t2i.modules.conv import ConvStackConfig, Decoder, Encoder
 from t2i.modules.losses import logit_laplace_mean, logit_laplace_nll
 from t2i.training.task import Task
 
@@ -27,11 +27,8 @@ RECONSTRUCTIONS = ("logit_laplace", "l1", "l2")
 
 
 @dataclass
-class DVAEConfig:
+class DVAEConfig(ConvStackConfig):
     image_channels: int = 3
-    channels: int = 32  # width of the first level
-    mults: tuple[int, ...] = (1, 2, 2)  # width multiplier per level; downsampling 2**(len-1)
-    res_blocks: int = 1  # residual blocks per level
     num_codes: int = 512  # K: vocabulary of image tokens
     code_dim: int = 64  # codebook vector size
     reconstruction: str = "logit_laplace"  # "logit_laplace", "l1" or "l2"
@@ -41,10 +38,6 @@ class DVAEConfig:
     straight_through: bool = False  # hard one-hot samples, soft gradients
     kl_weight: float = 0.01  # KL(q || uniform prior) weight (per token, in nats) ...
     kl_warmup: int = 500  # ... ramped linearly from 0 over these steps
-
-    @property
-    def factor(self) -> int:
-        return 2 ** (len(self.mults) - 1)
 
     def tau(self, step: int) -> float:
         t = min(1.0, step / max(1, self.tau_anneal_steps))

@@ -22,18 +22,15 @@ from torch import nn
 
 from t2i.eval.metrics import codebook_stats, psnr
 from t2i.models import Pretrained
-from t2i.modules.conv import Decoder, Encoder, PatchDiscriminator
+from t2i.modules.conv import ConvStackConfig, Decoder, Encoder, PatchDiscriminator
 from t2i.modules.losses import adaptive_weight, feature_loss, hinge_d_loss, weighted_mean
 from t2i.modules.quantizer import QuantizerConfig, QuantizerOutput, VectorQuantizer
 from t2i.training.task import Task, frozen, unwrap
 
 
 @dataclass
-class VQGANConfig:
+class VQGANConfig(ConvStackConfig):
     image_channels: int = 3
-    channels: int = 64  # width of the first level
-    mults: tuple[int, ...] = (1, 2)  # width multiplier per level; downsampling 2**(len-1)
-    res_blocks: int = 1  # residual blocks per level
     num_codes: int = 512  # codebook size
     code_dim: int = 32  # code vector size
     commitment: float = 0.25  # commitment loss weight (beta)
@@ -55,13 +52,9 @@ class VQGANConfig:
     face_weight: float = 1.0
     face_crop: int = 64  # face crops are resized to this before the face network
 
-    @property
-    def factor(self) -> int:
-        return 2 ** (len(self.mults) - 1)
-
 
 class VQGAN(nn.Module, Pretrained):
-    """>>> vq = VQGAN(VQGANConfig()); ids = vq.encode(images)   # [B, 3, 32, 32] -> [B, 16, 16]
+    """>>> vq = VQGAN(VQGANConfig()); ids = vq.encode(images)   # [B, 3, 32, 32] -> [B, 8, 8]
     >>> vq.decode(ids).shape                                    # [B, 3, 32, 32]"""
 
     def __init__(self, config: VQGANConfig):
@@ -135,6 +128,10 @@ class VQGANTask(Task):
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model, "disc": self.disc} if self.disc is not None \
             else {"model": self.model}
+
+    @property
+    def zero3_ok(self) -> bool:
+        return self.disc is None
 
     def lr_scale(self, name: str) -> float:
         return self.config.disc_lr_scale if name == "disc" else 1.0

@@ -17,7 +17,7 @@ from torch import nn
 from t2i.data.scenes import SHAPES
 from t2i.eval.metrics import codebook_stats, mean_iou, pixel_accuracy
 from t2i.models import Pretrained
-from t2i.modules.conv import Decoder, Encoder
+from t2i.modules.conv import ConvStackConfig, Decoder, Encoder
 from t2i.modules.quantizer import QuantizerConfig, VectorQuantizer
 from t2i.training.task import Task
 
@@ -28,11 +28,8 @@ PALETTE = torch.tensor([[40, 40, 40], [230, 25, 75], [60, 180, 75], [255, 225, 2
 
 
 @dataclass
-class VQSegConfig:
+class VQSegConfig(ConvStackConfig):
     num_classes: int = len(SHAPES) + 1  # class 0 is background (synthetic scenes: 8)
-    channels: int = 32  # width of the first level
-    mults: tuple[int, ...] = (1, 2, 2)  # width multiplier per level; downsampling 2**(len-1)
-    res_blocks: int = 1
     num_codes: int = 256  # codebook size
     code_dim: int = 32
     commitment: float = 0.25

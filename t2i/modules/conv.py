@@ -7,9 +7,25 @@ patch discriminator is the PatchGAN of pix2pix (Isola et al. 2017), returning it
 intermediate feature maps too, which the tokenizers use as a download-free perceptual loss.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass
+class ConvStackConfig:
+    """The Encoder / Decoder shape shared by every tokenizer's config."""
+
+    channels: int = 32  # width of the first level
+    mults: tuple[int, ...] = (1, 2, 2)  # width multiplier per level; downsampling 2**(len-1)
+    res_blocks: int = 1  # residual blocks per level
+
+    @property
+    def factor(self) -> int:
+        """Downsampling factor: 32 px images become 32 / factor tokens a side."""
+        return 2 ** (len(self.mults) - 1)
 
 
 def norm(channels: int) -> nn.GroupNorm:

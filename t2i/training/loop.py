@@ -147,6 +147,12 @@ class Trainer:
 
         torch.manual_seed(run.seed)  # the same initial weights on every rank
         self.task = family.STAGES[stage](model_config, data)
+        zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        if zero_stage == 3 and not self.task.zero3_ok:
+            raise ConfigError(f"{config.model['family']} with these settings calls a module "
+                              f"outside its engine (a frozen discriminator in the generator's "
+                              f"loss), which ZeRO-3 does not allow: use ZeRO 1 or 2 "
+                              f"(ds_zero2.json), or a config without the discriminator")
         self.engines = {}
         for name, module in self.task.modules().items():
             self.engines[name] = self._engine(module, self.task.lr_scale(name))

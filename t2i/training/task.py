@@ -52,6 +52,13 @@ class Task:
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model}
 
+    @property
+    def zero3_ok(self) -> bool:
+        """False when a loss calls a module outside its own engine's forward (a frozen
+        discriminator inside the generator's loss): ZeRO-3 releases such a module's
+        partitioned weights before the backward that needs them."""
+        return True
+
     def lr_scale(self, name: str) -> float:
         """Learning rate of module `name` relative to run.lr."""
         return 1.0

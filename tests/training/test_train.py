@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from t2i.training import checkpoint
+from t2i.training.config import ConfigError
 from t2i.training.loop import Trainer
 from tests.training.conftest import REPO, clean_env, tiny_config, tiny_overrides, train_command
 
@@ -215,3 +216,13 @@ def test_two_processes_under_the_deepspeed_launcher(family, stage, bf16, synth_d
                  for r in (0, 1)]
     assert positions[0]["readers"].keys() != positions[1]["readers"].keys()
     assert all(torch.isfinite(v.float()).all() for v in _weights(out).values())
+
+
+def test_zero3_trains_the_vqgan_without_a_discriminator_and_refuses_it_with_one(
+        synth_dir, ds_config, tmp_path):
+    plain = tiny_config("vqgan", synth_dir, str(tmp_path / "plain"), steps=2)
+    plain.model.update(disc_weight=0.0, perceptual="none")
+    Trainer(plain, ds_config(3)).train()
+    assert checkpoint.latest(str(tmp_path / "plain" / "checkpoints")).endswith("step_000002")
+    with pytest.raises(ConfigError, match="use ZeRO 1 or 2"):
+        Trainer(tiny_config("vqgan", synth_dir, str(tmp_path / "gan")), ds_config(3))
