@@ -36,7 +36,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "ruff", "hypothesis"],
+        "dev": ["pytest", "pytest-benchmark", "ruff", "hypothesis", "scipy"],
         # CUDA machines only; imported lazily, never required.
         "gpu": ["flash-attn", "xformers"],
     },
