@@ -139,12 +139,6 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
                                    if torch.cuda.is_available() else "cpu")
-        if self.rank == 0 and not os.path.exists(data.path):
-            ensure_synth(data.path, data.synth_if_missing, size=data.image_size)
-        dist.barrier()
-        self.tokenizer = ByteTokenizer(data.text_length) if data.tokenizer == "byte" \
-            else load_tokenizer(data.tokenizer)
-
         torch.manual_seed(run.seed)  # the same initial weights on every rank
         self.task = family.STAGES[stage](model_config, data)
         zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
@@ -153,6 +147,11 @@ class Trainer:
                               f"outside its engine (a frozen discriminator in the generator's "
                               f"loss), which ZeRO-3 does not allow: use ZeRO 1 or 2 "
                               f"(ds_zero2.json), or a config without the discriminator")
+        if self.rank == 0 and not os.path.exists(data.path):
+            ensure_synth(data.path, data.synth_if_missing, size=data.image_size)
+        dist.barrier()
+        self.tokenizer = ByteTokenizer(data.text_length) if data.tokenizer == "byte" \
+            else load_tokenizer(data.tokenizer)
         self.engines = {}
         for name, module in self.task.modules().items():
             self.engines[name] = self._engine(module, self.task.lr_scale(name))
@@ -192,9 +191,10 @@ class Trainer:
             resume = found is not None
         if resume:
             if found is None:
-                raise FileNotFoundError(f"--resume: no complete checkpoint in {self.ckpt_root}")
+                raise ConfigError(f"--resume: no complete checkpoint in {self.ckpt_root}")
             self._load(found)
-        self._seed_training_rng(resume)
+        else:  # training randomness differs between ranks (a resumed run restores its own)
+            torch.manual_seed(run.seed * 1000 + self.rank + 1)
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -211,10 +211,6 @@ class Trainer:
                                                lr_scheduler=schedule, config=self.ds_config,
                                                dist_init_required=False)
         return engine
-
-    def _seed_training_rng(self, resumed: bool) -> None:
-        if not resumed:  # training randomness differs between ranks
-            torch.manual_seed(self.config.run.seed * 1000 + self.rank + 1)
 
     def _load(self, path: str) -> None:
         rank_state, state = checkpoint.load(path, self.engines)

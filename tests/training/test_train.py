@@ -226,3 +226,9 @@ def test_zero3_trains_the_vqgan_without_a_discriminator_and_refuses_it_with_one(
     assert checkpoint.latest(str(tmp_path / "plain" / "checkpoints")).endswith("step_000002")
     with pytest.raises(ConfigError, match="use ZeRO 1 or 2"):
         Trainer(tiny_config("vqgan", synth_dir, str(tmp_path / "gan")), ds_config(3))
+
+
+def test_resume_without_a_checkpoint_is_a_config_error(synth_dir, ds_config, tmp_path):
+    with pytest.raises(ConfigError, match="--resume: no complete checkpoint"):
+        Trainer(tiny_config("vqseg", synth_dir, str(tmp_path / "run")), ds_config(2),
+                resume=True)
