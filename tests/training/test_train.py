@@ -41,6 +41,7 @@ def test_a_tiny_run_leaves_a_complete_run_directory(family, synth_dir, ds_config
     assert len(os.listdir(os.path.join(out, "checkpoints"))) == 3  # keep=2 + latest
 
 
+@pytest.mark.slow
 def test_export_loads_without_deepspeed(synth_dir, ds_config, tmp_path):
     out = str(tmp_path / "run")
     trainer = Trainer(tiny_config("vqgan", synth_dir, out, steps=2), ds_config(2))
@@ -68,6 +69,7 @@ def _weights(out: str) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(out, "export", "model.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family, stage", [("vqgan", 2), ("dvae", 1)])
 def test_resume_is_bit_identical(family, stage, synth_dir, ds_config, tmp_path):
     """6 steps in one go == 2 steps, stop, resume, 4 more (fp32, CPU): weights, EMA,
@@ -168,6 +170,7 @@ def test_many_non_finite_losses_in_a_row_stop_the_run_with_the_checkpoint_intact
     assert all(torch.isfinite(v).all() for v in _weights(out).values())
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_before_exiting(synth_dir, tmp_path, ds_config):
     out = str(tmp_path / "run")
     args = ["--config", os.path.join(REPO, "training", "configs", "vqgan_shapes.yaml"),
@@ -195,6 +198,7 @@ def test_sigterm_writes_a_checkpoint_before_exiting(synth_dir, tmp_path, ds_conf
     assert os.path.exists(os.path.join(out, "export", "model.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family, stage, bf16", [("vqgan", 2, False), ("dvae", 3, False),
                                                  ("vqseg", 1, True)])
 def test_two_processes_under_the_deepspeed_launcher(family, stage, bf16, synth_dir, ds_config,
