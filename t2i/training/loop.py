@@ -253,6 +253,22 @@ class Trainer:
             logs.update(loss_logs)
         return logs
 
+    def _good_micro_step(self, batches) -> dict[str, float]:
+        """Train on the next micro-batch whose losses are finite, skipping (and counting)
+        the others; too many in a row stop the run."""
+        for bad_in_row in range(1, self.config.run.max_bad_steps + 1):
+            logs = self._micro_step(self._to_device(next(batches)))
+            if logs is not None:
+                return logs
+            self.skipped += 1
+            if self.rank == 0:
+                log.warning("step %d: non-finite loss, micro-batch skipped (%d in a row, %d "
+                            "in all)", self.step, bad_in_row, self.skipped)
+        raise FloatingPointError(
+            f"{bad_in_row} non-finite losses in a row at step {self.step}: stopping. The "
+            f"last good checkpoint is {checkpoint.latest(self.ckpt_root)}; lower run.lr or "
+            f"check the data")
+
     def _batches(self):
         """Micro-batches forever, epoch after epoch, from the resumed position; every rank
         ends an epoch when any rank runs out (ranks may differ by one batch)."""
@@ -283,30 +299,13 @@ class Trainer:
             progress = tqdm(total=run.steps, initial=self.step, unit="step", dynamic_ncols=True)
         batches = self._batches()
         sums: dict[str, float] = {}
-        count, bad_in_row, tick = 0, 0, time.perf_counter()
+        count, tick = 0, time.perf_counter()
         metrics = None
         samples_per_step = self.micro * self.accumulation * self.world
         try:
             while self.step < run.steps:
                 for _ in range(self.accumulation):
-                    logs = None
-                    while logs is None:
-                        logs = self._micro_step(self._to_device(next(batches)))
-                        if logs is None:
-                            self.skipped += 1
-                            bad_in_row += 1
-                            if self.rank == 0:
-                                log.warning("step %d: non-finite loss, micro-batch skipped "
-                                            "(%d in a row, %d in all)", self.step, bad_in_row,
-                                            self.skipped)
-                            if bad_in_row >= run.max_bad_steps:
-                                raise FloatingPointError(
-                                    f"{bad_in_row} non-finite losses in a row at step "
-                                    f"{self.step}: stopping. The last good checkpoint is "
-                                    f"{checkpoint.latest(self.ckpt_root)}; lower run.lr or "
-                                    f"check the data")
-                    bad_in_row = 0
-                    for k, v in logs.items():
+                    for k, v in self._good_micro_step(batches).items():
                         sums[k] = sums.get(k, 0.0) + v
                     count += 1
                 self.step += 1
