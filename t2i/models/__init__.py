@@ -10,8 +10,6 @@ import importlib
 import json
 import os
 
-import torch
-
 FAMILIES = {
     "vqgan": "t2i.models.vqgan",  # VQGAN image tokenizer (Make-A-Scene's VQ-IMG)
     "dvae": "t2i.models.dvae",  # DALL-E discrete VAE
@@ -74,7 +72,3 @@ class Pretrained:
     @classmethod
     def from_pretrained(cls, path: str):
         return load_pretrained(path, expect=cls)
-
-
-def on_device(model) -> torch.device:
-    return next(model.parameters()).device

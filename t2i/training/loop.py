@@ -330,8 +330,9 @@ class Trainer:
                 stopping = self._any(bool(stop.signal))
                 if self.step % run.ckpt_every == 0 or self.step in (run.steps, stop_at) \
                         or stopping:
-                    self.save()
-                    metrics = self.evaluate()
+                    model = self.inference_model()  # gathered once for export and eval
+                    self.save(model)
+                    metrics = self.evaluate(model)
                 if stopping:
                     raise SystemExit(128 + (stop.signal or signal.SIGTERM))
                 if self.step == stop_at:
@@ -363,7 +364,8 @@ class Trainer:
         """A plain fp32 copy of the model (EMA weights when kept) for samples, evaluation
         and export. Collective under ZeRO-3."""
         state = self.ema.state if self.ema is not None else full_state(self.engines["model"])
-        model = type(self.task.model)(self.task.model.config)
+        with torch.random.fork_rng(devices=[]):  # its random init must not shift training's RNG
+            model = type(self.task.model)(self.task.model.config)
         model.load_state_dict(state)
         return model.to(self.device).eval()
 
@@ -375,9 +377,9 @@ class Trainer:
             save_grid(rows, os.path.join(self.out, "samples", f"{checkpoint.step_name(self.step)}"
                                          ".png"), scale=2)
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, model=None) -> dict[str, float]:
         """Validation metrics of the inference model (rank 0 computes; all return them)."""
-        model = self.inference_model()
+        model = model if model is not None else self.inference_model()
         metrics = {}
         if self.rank == 0:
             batches = [self._to_device(b, torch.float32) for b in self.val_batches]
@@ -391,9 +393,9 @@ class Trainer:
             metrics = box[0]
         return metrics
 
-    def export(self) -> str:
+    def export(self, model=None) -> str:
         """Write RUN/export (model.safetensors, config.json, tokenizer); returns the path."""
-        model = self.inference_model()
+        model = model if model is not None else self.inference_model()
         path = os.path.join(self.out, "export")
         if self.rank == 0:
             save_pretrained(model, path, family=self.task.family, stage=self.task.stage,
@@ -402,12 +404,12 @@ class Trainer:
             self.tokenizer.save(path)
         return path
 
-    def save(self) -> str:
+    def save(self, model=None) -> str:
         """Checkpoint (collective) and refresh the export."""
         rank_state = {"rng": checkpoint.rng_state(), "data": self.pipeline.position()}
         trainer_state = {"step": self.step, "epoch": self.epoch, "skipped": self.skipped,
                          "ema": self.ema.state if self.ema is not None else None}
         path = checkpoint.save(self.ckpt_root, self.step, self.engines, rank_state,
                                trainer_state, self.config.run.keep)
-        self.export()
+        self.export(model)
         return path
