@@ -5,6 +5,8 @@ A batch is a dict:
     text       long  [B, L]      caption ids (see t2i.data.tokenizer)
     text_mask  bool  [B, L]      True at real tokens
     seg        long  [B, H, W]   class map, where the samples have one (-1 where one lacks it)
+    record     list[dict|None]   the samples' json member (the synthetic scenes' exact
+                                 attributes), where any sample has one
     caption    list[str], key list[str]
 
 Splitting. One epoch is one fixed sequence of samples: the shards in an order drawn from
@@ -28,6 +30,7 @@ per reader, and summarised at the end of the epoch (`ImageTextPipeline.epoch`).
 """
 
 import io
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -155,6 +158,11 @@ def decode_sample(key: str, fields: dict[str, bytes], *, image_size: int,
             return issues.add("bad_seg", key)
         seg = np.asarray(_resize_crop(seg, image_size, Image.NEAREST), dtype=np.int64)
         sample["seg"] = torch.from_numpy(seg.copy())
+    if "json" in fields:  # attributes and provenance; a bad one is dropped, not fatal
+        try:
+            sample["record"] = json.loads(fields["json"])
+        except (UnicodeDecodeError, ValueError):
+            pass
     ids, truncated = tokenizer.encode(caption)
     if truncated:
         issues.add("long_caption", key)
@@ -267,6 +275,8 @@ def collate(samples: list[dict], tokenizer: Tokenizer) -> dict:
         size = samples[0]["image"].shape[-2:]
         batch["seg"] = torch.stack([s.get("seg", torch.full(size, -1, dtype=torch.long))
                                     for s in samples])
+    if any("record" in s for s in samples):
+        batch["record"] = [s.get("record") for s in samples]
     return batch
 
 

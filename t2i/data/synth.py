@@ -32,13 +32,14 @@ def _shard_name(split: str, shard: int) -> str:
 
 
 def write_shard(out: str, split: str, shard: int, start: int, stop: int, size: int,
-                seed: int) -> int:
+                seed: int, held_out_train: float = 0.0) -> int:
     """Samples [start, stop) of `split` into one shard. -> number written."""
     rng = np.random.default_rng([seed, SPLIT_IDS[split], shard])
     renderer = scenes.Renderer(size)
-    held_out = split == "val"
     with ShardWriter(os.path.join(out, _shard_name(split, shard))) as writer:
         for index in range(start, stop):
+            # drawn only when asked for, so that data sets without it keep their bytes
+            held_out = split == "val" or (held_out_train > 0 and rng.random() < held_out_train)
             image, seg, caption, record = scenes.sample_scene(rng, renderer, held_out)
             key = f"{split}_{index:08d}"
             record.update(key=key, split=split, index=index, size=size, source=FORMAT)
@@ -57,8 +58,14 @@ def read_split(directory: str) -> dict:
 
 
 def synthesize(out: str, num: int, size: int = 32, seed: int = 0, val_fraction: float = 0.1,
-               shard_size: int = 1000, workers: int = 1, progress: bool = True) -> dict:
-    """Write `num` scenes (train + validation) as shards under `out`. -> the split info."""
+               shard_size: int = 1000, workers: int = 1, progress: bool = True,
+               held_out_train: float = 0.0) -> dict:
+    """Write `num` scenes (train + validation) as shards under `out`. -> the split info.
+
+    `held_out_train`: share of training scenes whose first object takes a held-out
+    (colour, shape) pair. 0 for generators, whose validation tests composition; the
+    attribute probe's data uses more, since it must read every pair. The validation split
+    depends on `seed` alone, so it is the same whatever this is."""
     if num < 1:
         raise ValueError(f"--num must be at least 1, got {num}")
     if size not in SIZES:
@@ -67,11 +74,13 @@ def synthesize(out: str, num: int, size: int = 32, seed: int = 0, val_fraction: 
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if shard_size < 1:
         raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
+    if not 0.0 <= held_out_train <= 1.0:
+        raise ValueError(f"--held-out-train must be in [0, 1], got {held_out_train}")
     os.makedirs(out, exist_ok=True)
     num_val = round(num * val_fraction)
     counts = {"train": num - num_val, "val": num_val}
     args = {"num": num, "size": size, "seed": seed, "val_fraction": val_fraction,
-            "shard_size": shard_size}
+            "shard_size": shard_size, "held_out_train": held_out_train}
 
     split_file = os.path.join(out, "split.json")
     if os.path.exists(split_file):
@@ -81,7 +90,7 @@ def synthesize(out: str, num: int, size: int = 32, seed: int = 0, val_fraction: 
         shards = []
         for shard in range(math.ceil(n / shard_size)):
             start, stop = shard * shard_size, min(n, (shard + 1) * shard_size)
-            jobs.append((out, split, shard, start, stop, size, seed))
+            jobs.append((out, split, shard, start, stop, size, seed, held_out_train))
             shards.append(_shard_name(split, shard))
         splits[split] = {"num": n, "shards": shards}
     _remove_stale_shards(out, {s for info in splits.values() for s in info["shards"]})
@@ -117,11 +126,12 @@ def _remove_stale_shards(out: str, keep: set[str]) -> None:
 
 
 def ensure_synth(out: str, num: int, size: int = 32, seed: int = 0, val_fraction: float = 0.1,
-                 shard_size: int = 1000, workers: int = 1, progress: bool = True) -> dict:
+                 shard_size: int = 1000, workers: int = 1, progress: bool = True,
+                 held_out_train: float = 0.0) -> dict:
     """The data set under `out`, written first if it is missing, incomplete or was made
     with other arguments (what training calls on first use of the default data)."""
     args = {"num": num, "size": size, "seed": seed, "val_fraction": val_fraction,
-            "shard_size": shard_size}
+            "shard_size": shard_size, "held_out_train": held_out_train}
     try:
         info = read_split(out)
         complete = all(os.path.exists(os.path.join(out, s))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from t2i.eval.metrics import codebook_stats, psnr
+from t2i.eval.metrics import reconstruction_metrics
 from t2i.models import Pretrained
 from t2i.modules.conv import ConvStackConfig, Decoder, Encoder
 from t2i.modules.losses import logit_laplace_mean, logit_laplace_nll
@@ -47,6 +47,8 @@ class DVAEConfig(ConvStackConfig):
 class DiscreteVAE(nn.Module, Pretrained):
     """>>> dvae = DiscreteVAE(DVAEConfig()); ids = dvae.encode(images)   # [B, H/4, W/4]
     >>> dvae.decode(ids).shape                                           # [B, 3, H, W]"""
+
+    kind = "image_tokenizer"  # what `t2i eval` scores it as
 
     def __init__(self, config: DVAEConfig):
         super().__init__()
@@ -117,13 +119,7 @@ class DVAETask(Task):
 
     @torch.no_grad()
     def evaluate(self, model, batches):
-        scores, indices = [], []
-        for batch in batches:
-            ids = model.encode(batch["image"])
-            scores.append(psnr(model.decode(ids), batch["image"]))
-            indices.append(ids.flatten())
-        stats = codebook_stats(torch.cat(indices), self.config.num_codes)
-        return {"psnr": float(torch.cat(scores).clamp(max=100).mean()), **stats}
+        return reconstruction_metrics(model, batches, self.config.num_codes)
 
 
 CONFIG, MODEL, STAGES = DVAEConfig, DiscreteVAE, {"tokenizer": DVAETask}

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from t2i.eval.metrics import codebook_stats, psnr
+from t2i.eval.metrics import reconstruction_metrics
 from t2i.models import Pretrained
 from t2i.modules.conv import ConvStackConfig, Decoder, Encoder, PatchDiscriminator
 from t2i.modules.losses import adaptive_weight, feature_loss, hinge_d_loss, weighted_mean
@@ -56,6 +56,8 @@ class VQGANConfig(ConvStackConfig):
 class VQGAN(nn.Module, Pretrained):
     """>>> vq = VQGAN(VQGANConfig()); ids = vq.encode(images)   # [B, 3, 32, 32] -> [B, 8, 8]
     >>> vq.decode(ids).shape                                    # [B, 3, 32, 32]"""
+
+    kind = "image_tokenizer"  # what `t2i eval` scores it as
 
     def __init__(self, config: VQGANConfig):
         super().__init__()
@@ -196,13 +198,7 @@ class VQGANTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model, batches):
-        scores, indices = [], []
-        for batch in batches:
-            recon, q = model(batch["image"])
-            scores.append(psnr(recon, batch["image"]))
-            indices.append(q.indices)
-        stats = codebook_stats(torch.cat([i.flatten() for i in indices]), self.config.num_codes)
-        return {"psnr": float(torch.cat(scores).clamp(max=100).mean()), **stats}
+        return reconstruction_metrics(model, batches, self.config.num_codes)
 
 
 CONFIG, MODEL, STAGES = VQGANConfig, VQGAN, {"tokenizer": VQGANTask}

@@ -41,6 +41,8 @@ class VQSeg(nn.Module, Pretrained):
     """>>> seg_tok = VQSeg(VQSegConfig()); ids = seg_tok.encode(class_map)  # [B, H/4, W/4]
     >>> seg_tok.decode(ids).shape                                           # [B, H, W] long"""
 
+    kind = "seg_tokenizer"  # what `t2i eval` scores it as
+
     def __init__(self, config: VQSegConfig):
         super().__init__()
         self.config = c = config

@@ -28,6 +28,7 @@ class ConfigError(ValueError):
 class DataConfig:
     path: str = "data/synth"  # shard folder, split.json or tar paths (t2i.data.resolve_shards)
     synth_if_missing: int = 20000  # scenes to synthesise when `path` is absent (0: fail)
+    synth_held_out: float = 0.0  # share of those training scenes with a held-out pair (probe)
     image_size: int = 32  # images are resized (shorter side) and centre-cropped to this
     text_length: int = 224  # caption tokens with <bos>/<eos> (synthetic captions: <= 208 bytes)
     tokenizer: str = "byte"  # "byte" or a path to a trained BPE tokenizer.json

@@ -148,7 +148,8 @@ class Trainer:
                               f"loss), which ZeRO-3 does not allow: use ZeRO 1 or 2 "
                               f"(ds_zero2.json), or a config without the discriminator")
         if self.rank == 0 and not os.path.exists(data.path):
-            ensure_synth(data.path, data.synth_if_missing, size=data.image_size)
+            ensure_synth(data.path, data.synth_if_missing, size=data.image_size,
+                         held_out_train=data.synth_held_out)
         dist.barrier()
         self.tokenizer = ByteTokenizer(data.text_length) if data.tokenizer == "byte" \
             else load_tokenizer(data.tokenizer)

@@ -34,6 +34,7 @@ def test_a_batch_has_the_documented_fields(synth_dir):
     assert 0 <= batch["seg"].min() and batch["seg"].max() <= 7
     assert [TOKENIZER.decode(t) for t in batch["text"]] == batch["caption"]
     assert len(set(batch["key"])) == 8
+    assert [r["key"] for r in batch["record"]] == batch["key"]  # the json member, parsed
 
 
 def test_resize_and_centre_crop(synth_dir):

@@ -100,6 +100,22 @@ def test_validation_holds_out_colour_shape_pairs(synth_dir):
         assert {(o["colour"], o["shape"]) for o in record["objects"]} & held
 
 
+def test_the_probe_data_shows_held_out_pairs_in_training_and_keeps_the_validation_split(
+        tmp_path, synth_dir):
+    probe_data = tmp_path / "probe"
+    synthesize(str(probe_data), 240, size=32, seed=7, shard_size=40, progress=False,
+               held_out_train=0.5)
+    held = {tuple(p) for p in read_split(synth_dir)["held_out"]}
+    shown = [bool({(o["colour"], o["shape"]) for o in json.loads(f["json"])["objects"]} & held)
+             for _, f in _samples(probe_data, "train")]
+    assert 0.35 < sum(shown) / len(shown) < 0.65
+    names = [os.path.basename(p) for p in resolve_shards(synth_dir, "val")]
+    match, mismatch, errors = filecmp.cmpfiles(synth_dir, probe_data, names, shallow=False)
+    assert match == names and not mismatch and not errors
+    with pytest.raises(ValueError, match="held-out-train"):
+        synthesize(str(tmp_path / "bad"), 10, held_out_train=1.5, progress=False)
+
+
 def test_scenes_cover_the_vocabulary():
     renderer = scenes.Renderer(64)
     rng = np.random.default_rng(0)

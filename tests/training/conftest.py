@@ -19,6 +19,8 @@ TINY_MODEL = {
              "model.code_dim=8", "model.tau_anneal_steps=4", "model.kl_warmup=2"],
     "vqseg": ["model.channels=8", "model.mults=[1,2]", "model.num_codes=16",
               "model.code_dim=8"],
+    "probe": ["model.channels=8", "model.mults=[1,2]", "model.features=16",
+              "model.image_size=16"],
 }
 
 

@@ -17,7 +17,7 @@ from t2i.training.config import ConfigError
 from t2i.training.loop import Trainer
 from tests.training.conftest import REPO, clean_env, tiny_config, tiny_overrides, train_command
 
-FAMILIES = ["vqgan", "dvae", "vqseg"]
+FAMILIES = ["vqgan", "dvae", "vqseg", "probe"]
 
 
 def _rows(run_dir) -> list[dict]:
