@@ -3,6 +3,7 @@
     t2i data synth --out DIR --num N --size {32,64,128} --seed S
     t2i data import --images DIR --out DIR
     t2i eval --model RUN_DIR [--probe RUN_DIR --num 1000 --seed 0 --inception PATH] --out F
+    t2i generate --model RUN_DIR --prompt "..." [--num 8 --steps 12 --cfg 3 --seed 0] --out F
 """
 
 import argparse
@@ -55,6 +56,31 @@ def _eval(args) -> None:
     print(f"wrote {args.out} and its .md summary")
 
 
+def _generate(args) -> None:
+    from t2i.images import save_grid
+    from t2i.pipelines import load
+
+    pipe = load(args.model, base=args.base)
+    if args.num < 1:
+        raise ValueError(f"--num must be at least 1, got {args.num}")
+    class_mode = pipe.model.config.condition == "class"
+    prompts = args.class_id if class_mode else args.prompt
+    if not prompts:
+        raise ValueError("this model is class-conditional: give --class-id N" if class_mode
+                         else "give at least one --prompt")
+    rows = []
+    for i, prompt in enumerate(prompts):
+        cond = {"class_ids": [prompt] * args.num} if class_mode else {"texts": [prompt] * args.num}
+        out = pipe(**cond, steps=args.steps, cfg_scale=args.cfg, seed=args.seed + 1000 * i,
+                   schedule=args.schedule, temperature=args.temperature, top_k=args.top_k,
+                   critic=args.critic,
+                   negative_texts=[args.negative] * args.num if args.negative else None)
+        rows.append(out.images)
+    save_grid(rows, args.out, scale=args.scale)
+    print(f"wrote {args.out}: {len(rows)} row(s) of {args.num} ({tuple(rows[0].shape[-2:])} px, "
+          f"{args.steps} steps, cfg {args.cfg}, seed {args.seed})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t2i", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +125,28 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--inception", help="Inception-v3 weights (e.g. pytorch-fid's "
                                         "pt_inception-2015-12-05-6726825d.pth) for FID and IS")
     ev.set_defaults(run=_eval)
+
+    gen = commands.add_parser("generate", help="images from a trained generator")
+    gen.add_argument("--model", required=True, help="run directory (or its export/ folder)")
+    gen.add_argument("--prompt", action="append", default=[],
+                     help="caption; repeat for several rows")
+    gen.add_argument("--class-id", type=int, action="append", default=[],
+                     help="class-conditional models: a class id per row")
+    gen.add_argument("--negative", help="negative prompt (needs --cfg)")
+    gen.add_argument("--base", help="super-resolution stage: the base stage's run directory")
+    gen.add_argument("--num", type=int, default=8, help="images per prompt")
+    gen.add_argument("--steps", type=int, default=12, help="decoding steps")
+    gen.add_argument("--cfg", type=float, default=3.0,
+                     help="guidance scale (1: conditional only, 0: unconditional)")
+    gen.add_argument("--schedule", default="cosine", choices=("cosine", "arccos", "linear"))
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--critic", choices=("self",), help="re-mask by the model's own "
+                                                         "re-scoring instead of confidence")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--scale", type=int, default=4, help="pixel enlargement in the grid")
+    gen.add_argument("--out", required=True, help="PNG grid: one row per prompt")
+    gen.set_defaults(run=_generate)
     return parser
 
 

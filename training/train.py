@@ -9,7 +9,8 @@ The YAML holds model, data and run settings (t2i/training/config.py documents ev
 the DeepSpeed JSON holds ZeRO stage, precision, micro-batch and accumulation. Overrides
 such as `run.steps=100 model.num_codes=256` change the YAML's values. A run directory with
 a complete checkpoint is resumed automatically (--no-resume starts over and fails if one
-exists).
+exists). A stage that needs another stage's output (Muse needs its VQGAN) trains that
+one first when it is missing.
 """
 
 import argparse
@@ -19,8 +20,12 @@ import sys
 
 import deepspeed
 
+from t2i.models import get_family
 from t2i.training.config import ConfigError, load_config
 from t2i.training.loop import Trainer
+from t2i.training.task import Task
+
+log = logging.getLogger("train.py")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DS_CONFIG = os.path.join(HERE, "configs", "ds_zero2.json")
@@ -56,8 +61,16 @@ def main(argv=None) -> int:
         if args.resume is False and os.path.isdir(os.path.join(config.run.out, "checkpoints")):
             raise ConfigError(f"--no-resume: {config.run.out} already has checkpoints; "
                               f"choose another run.out or delete them")
+        before = get_family(config.model["family"]).STAGES.get(
+            config.model["stage"], Task).prerequisite(config.model)
+        if before is not None:  # e.g. the image tokenizer a transformer is trained on
+            first, _ = load_config(*before)
+            log.info("%s has no exported model yet: training it first (%s)",
+                     first.run.out, before[0])
+            trained = Trainer(first, ds_config)
+            trained.train()
         trainer = Trainer(config, ds_config, resume=args.resume)
-    except ConfigError as e:
+    except (ConfigError, ValueError) as e:
         print(f"train.py: config error: {e}", file=sys.stderr)
         return 2
     try:

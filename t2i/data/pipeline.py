@@ -40,7 +40,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from t2i.data.shards import ShardIndex, TarFormatError, read_members, resolve_shards
+from t2i.data.shards import ShardIndex, TarFormatError, iter_shard, read_members, resolve_shards
 from t2i.data.tokenizer import Tokenizer
 
 log = logging.getLogger("t2i.data")
@@ -337,3 +337,15 @@ class ImageTextPipeline:
         self.last_issues = self.dataset.issues.totals()
         if self.last_issues:
             log.warning("epoch %d data: %s", epoch, self.dataset.issues.summary())
+
+
+def captions(source, split: str = "train") -> Iterator[str]:
+    """Every caption of a split, in file order, without decoding images (to train a BPE
+    tokenizer on them)."""
+    for path in resolve_shards(source, split):
+        for _, fields in iter_shard(path):
+            ext = next((e for e in CAPTION_EXTS if e in fields), None)
+            if ext is not None:
+                text = fields[ext].decode("utf-8", errors="replace").strip()
+                if text:
+                    yield text

@@ -174,7 +174,7 @@ def _generate(run_dir: str, captions: list[str], seed: int, args: dict) -> torch
     images = []
     for i in tqdm(range(0, len(captions), batch), desc="generate", unit="batch"):
         # one seed per batch start: the same captions give the same images at any --num
-        images.append(pipe(captions[i:i + batch], seed=seed + i, **args))
+        images.append(pipe(captions[i:i + batch], seed=seed + i, **args).images)
     return torch.cat(images)
 
 

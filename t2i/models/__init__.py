@@ -14,6 +14,7 @@ FAMILIES = {
     "vqgan": "t2i.models.vqgan",  # VQGAN image tokenizer (Make-A-Scene's VQ-IMG)
     "dvae": "t2i.models.dvae",  # DALL-E discrete VAE
     "vqseg": "t2i.models.vqseg",  # Make-A-Scene segmentation-map tokenizer
+    "muse": "t2i.models.muse",  # Muse / MaskGIT masked-token transformer (base, super-res)
     "probe": "t2i.models.probe",  # attribute probe that scores generated scenes (t2i.eval)
 }
 

@@ -91,8 +91,8 @@ class DiscreteVAE(nn.Module, Pretrained):
 class DVAETask(Task):
     family, stage = "dvae", "tokenizer"
 
-    def __init__(self, config: DVAEConfig, data):
-        super().__init__(config, data)
+    def __init__(self, config: DVAEConfig, data, tokenizer=None):
+        super().__init__(config, data, tokenizer)
         self.model = DiscreteVAE(config)
 
     def losses(self, engines, batch, step):

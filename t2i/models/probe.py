@@ -108,8 +108,8 @@ def batch_tables(batch: dict) -> torch.Tensor:
 class ProbeTask(Task):
     family, stage = "probe", "classifier"
 
-    def __init__(self, config: ProbeConfig, data):
-        super().__init__(config, data)
+    def __init__(self, config: ProbeConfig, data, tokenizer=None):
+        super().__init__(config, data, tokenizer)
         if data.image_size != config.image_size:
             raise ValueError(f"model.image_size {config.image_size} differs from "
                              f"data.image_size {data.image_size}")

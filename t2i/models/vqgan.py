@@ -114,8 +114,8 @@ def face_crops(images: torch.Tensor, seg: torch.Tensor, face_class: int,
 class VQGANTask(Task):
     family, stage = "vqgan", "tokenizer"
 
-    def __init__(self, config: VQGANConfig, data):
-        super().__init__(config, data)
+    def __init__(self, config: VQGANConfig, data, tokenizer=None):
+        super().__init__(config, data, tokenizer)
         self.model = VQGAN(config)
         c = config
         self.use_disc = c.disc_weight > 0 or c.perceptual == "disc"

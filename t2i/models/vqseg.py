@@ -82,8 +82,8 @@ def colourise(seg: torch.Tensor) -> torch.Tensor:
 class VQSegTask(Task):
     family, stage = "vqseg", "tokenizer"
 
-    def __init__(self, config: VQSegConfig, data):
-        super().__init__(config, data)
+    def __init__(self, config: VQSegConfig, data, tokenizer=None):
+        super().__init__(config, data, tokenizer)
         self.model = VQSeg(config)
         weights = torch.ones(config.num_classes)
         weights[list(config.heavy_classes)] = config.heavy_weight

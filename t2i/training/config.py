@@ -31,7 +31,8 @@ class DataConfig:
     synth_held_out: float = 0.0  # share of those training scenes with a held-out pair (probe)
     image_size: int = 32  # images are resized (shorter side) and centre-cropped to this
     text_length: int = 224  # caption tokens with <bos>/<eos> (synthetic captions: <= 208 bytes)
-    tokenizer: str = "byte"  # "byte" or a path to a trained BPE tokenizer.json
+    tokenizer: str = "byte"  # "byte", "bpe" (trained on the captions), or a tokenizer folder
+    bpe_vocab: int = 512  # "bpe": vocabulary size (256 byte tokens + merges + 4 specials)
     workers: int = 1  # DataLoader worker processes per rank
     val_batches: int = 4  # validation batches for sample grids and evaluation
 

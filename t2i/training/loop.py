@@ -30,7 +30,15 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from t2i.data import ByteTokenizer, ImageTextPipeline, ensure_synth, load_tokenizer
+from t2i.data import (
+    BPETokenizer,
+    ByteTokenizer,
+    ImageTextPipeline,
+    captions,
+    ensure_synth,
+    load_tokenizer,
+)
+from t2i.data.tokenizer import FILENAME as TOKENIZER_FILE
 from t2i.images import save_grid
 from t2i.models import get_family, save_pretrained
 from t2i.training import checkpoint
@@ -139,20 +147,19 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
                                    if torch.cuda.is_available() else "cpu")
+        if self.rank == 0 and not os.path.exists(data.path):
+            ensure_synth(data.path, data.synth_if_missing, size=data.image_size,
+                         held_out_train=data.synth_held_out)
+        dist.barrier()
+        self.tokenizer = self._text_tokenizer(data, run.out)
         torch.manual_seed(run.seed)  # the same initial weights on every rank
-        self.task = family.STAGES[stage](model_config, data)
+        self.task = family.STAGES[stage](model_config, data, self.tokenizer)
         zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         if zero_stage == 3 and not self.task.zero3_ok:
             raise ConfigError(f"{config.model['family']} with these settings calls a module "
                               f"outside its engine (a frozen discriminator in the generator's "
                               f"loss), which ZeRO-3 does not allow: use ZeRO 1 or 2 "
                               f"(ds_zero2.json), or a config without the discriminator")
-        if self.rank == 0 and not os.path.exists(data.path):
-            ensure_synth(data.path, data.synth_if_missing, size=data.image_size,
-                         held_out_train=data.synth_held_out)
-        dist.barrier()
-        self.tokenizer = ByteTokenizer(data.text_length) if data.tokenizer == "byte" \
-            else load_tokenizer(data.tokenizer)
         self.engines = {}
         for name, module in self.task.modules().items():
             self.engines[name] = self._engine(module, self.task.lr_scale(name))
@@ -198,6 +205,21 @@ class Trainer:
             torch.manual_seed(run.seed * 1000 + self.rank + 1)
 
     # ------------------------------------------------------------------ setup helpers
+
+    def _text_tokenizer(self, data, out: str):
+        """"byte"; "bpe": trained on the training captions at the run's first start and
+        kept in the run directory (so a resumed run reads the same ids); or a folder."""
+        if data.tokenizer == "byte":
+            return ByteTokenizer(data.text_length)
+        if data.tokenizer != "bpe":
+            return load_tokenizer(data.tokenizer)
+        if self.rank == 0 and not os.path.exists(os.path.join(out, TOKENIZER_FILE)):
+            tok = BPETokenizer.train(captions(data.path), data.bpe_vocab, data.text_length)
+            tok.save(out)
+            log.info("trained a %d-token BPE tokenizer on the training captions",
+                     tok.vocab_size)
+        dist.barrier()
+        return load_tokenizer(out)
 
     def _engine(self, module, lr_scale: float):
         import deepspeed
@@ -403,6 +425,7 @@ class Trainer:
                             extra={"step": self.step, "ema": self.ema is not None,
                                    "data": dataclasses.asdict(self.config.data)})
             self.tokenizer.save(path)
+            self.task.export(path)
         return path
 
     def save(self, model=None) -> str:

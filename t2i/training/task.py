@@ -44,10 +44,20 @@ class Task:
     family = ""
     stage = ""
 
-    def __init__(self, config, data):
+    def __init__(self, config, data, tokenizer=None):
         self.config = config  # the family's config dataclass
         self.data = data  # t2i.training.config.DataConfig
+        self.tokenizer = tokenizer  # t2i.data.Tokenizer of the captions (None outside training)
         self.model: nn.Module
+
+    @classmethod
+    def prerequisite(cls, model: dict) -> tuple[str, list[str]] | None:
+        """(config path, overrides) of a stage train.py must run first, when this stage
+        needs its output and it does not exist yet (a transformer's image tokenizer)."""
+        return None
+
+    def export(self, path: str) -> None:
+        """Write what inference needs beside the exported model (a frozen tokenizer)."""
 
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model}

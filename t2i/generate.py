@@ -1,0 +1,247 @@
+"""MaskGIT decoding: from all-[MASK] to a full token map in a few parallel steps.
+
+Per step: one transformer call (conditional and unconditional rows batched together when
+guidance is on), one `sample_logits(..., return_probs=True)` for every masked position at
+once, one `lowest_k_mask` choosing what to mask again. No Python loop over tokens.
+
+    >>> gen = MuseGenerator(model, vqgan, tokenizer)
+    >>> out = gen(["a large red circle on the left"], steps=12, cfg_scale=3.0, seed=0)
+    >>> out.images.shape, out.pil[0]       # [1, 3, 32, 32] in [-1, 1], a PIL image
+"""
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from t2i.images import to_pil
+from t2i.models.muse import SCHEDULES, mask_ratio
+from t2i_kernels import lowest_k_mask, sample_logits
+
+
+@dataclass
+class Generated:
+    images: torch.Tensor  # [B, 3, H, W] in [-1, 1]
+    tokens: torch.Tensor  # long [B, g, g]
+    steps: list[torch.Tensor] | None = None  # token map after each step (mask id = masked)
+
+    @property
+    def pil(self):
+        return to_pil(self.images)
+
+
+def masked_counts(n: int, steps: int, schedule: str) -> list[int]:
+    """Tokens still masked after each step: decreasing by at least one, 0 after the last."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    out, current = [], n
+    for t in range(steps):
+        k = math.floor(n * float(mask_ratio((t + 1) / steps, schedule)))
+        current = 0 if t == steps - 1 else max(0, min(k, current - 1))
+        out.append(current)
+    return out
+
+
+def _gumbel(shape, generator, device) -> torch.Tensor:
+    u = torch.rand(shape, generator=generator).clamp_(1e-20, 1 - 1e-7)
+    return (-torch.log(-torch.log(u))).to(device)
+
+
+class MuseGenerator:
+    """Text (or class) -> images with a trained MaskGitTransformer, its VQGAN and its
+    caption tokenizer. `low`: a super-resolution stage's LowRes (t2i.models.muse), whose
+    tokens come from `base` (another MuseGenerator) or are given."""
+
+    def __init__(self, model, vqgan, tokenizer=None, *, low=None, base=None, critic=None):
+        self.model, self.vqgan, self.tokenizer = model.eval(), vqgan.eval(), tokenizer
+        self.low, self.base, self.critic = low, base, critic
+        self.transformer_seconds = 0.0  # time inside transformer calls (benchmarks read it)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def _texts(self, texts: Sequence[str]):
+        if isinstance(texts, str):
+            texts = [texts]
+        if len(texts) == 0:
+            raise ValueError("no prompts: pass at least one text")
+        if any(not isinstance(t, str) or not t.strip() for t in texts):
+            raise ValueError("a prompt is empty; every prompt needs some text")
+        ids, masks, cut = [], [], []
+        for i, t in enumerate(texts):
+            enc, truncated = self.tokenizer.encode(t)
+            if truncated:
+                cut.append(i)
+            ids.append(enc)
+        if cut:
+            warnings.warn(f"prompt(s) {cut} longer than the model's {self.tokenizer.max_length} "
+                          f"text tokens: truncated", stacklevel=3)
+        ids, masks = self.tokenizer.pad(ids)
+        return ids.to(self.device), masks.to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, texts: Sequence[str] | str | None = None, *, class_ids=None,
+                 negative_texts: Sequence[str] | None = None, steps: int = 12,
+                 schedule: str = "cosine", temperature: float | tuple[float, float] = 1.0,
+                 remask_temperature: float = 4.5, top_k: int | None = None,
+                 top_p: float | None = None, cfg_scale: float | None = None,
+                 critic: str | None = None, remask_fixed: bool = False, seed: int | None = None,
+                 generator: torch.Generator | None = None, batch_size: int | None = None,
+                 low_res_tokens: torch.Tensor | None = None,
+                 low_res_images: torch.Tensor | None = None,
+                 return_steps: bool = False) -> Generated:
+        """Generate one image per text (or class id).
+
+        temperature: token sampling temperature, or (start, end) annealed linearly over
+        the steps. remask_temperature: Gumbel noise on the confidences that decide what is
+        masked again, annealed to 0 (MaskGIT's choice temperature). cfg_scale: logits =
+        uncond + cfg_scale * (cond - uncond): 1 is the conditional model, 0 the
+        unconditional one, None no guidance (one pass per step). negative_texts replace the
+        unconditional rows' null condition. critic: None (the sampled tokens' own
+        probabilities), "self" (the model re-scores the completed map: one more call per
+        step) or a TokenCritic. remask_fixed: tokens fixed in earlier steps may be masked
+        again. seed / generator: reproducible draws on any kernel backend."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        c = self.model.config
+        if c.condition == "text":
+            if texts is None:
+                raise ValueError("this model generates from texts")
+            texts = [texts] if isinstance(texts, str) else list(texts)
+            rows = len(texts)
+        else:
+            if class_ids is None:
+                raise ValueError("this model is class-conditional: pass class_ids")
+            class_ids = torch.as_tensor(class_ids, dtype=torch.long).flatten()
+            rows = len(class_ids)
+        if rows == 0:
+            raise ValueError("no prompts: pass at least one text or class id")
+        if cfg_scale is not None and c.cond_dropout == 0:
+            warnings.warn("cfg_scale given, but this model was trained without condition "
+                          "dropout: its unconditional branch is untrained", stacklevel=2)
+        if negative_texts is not None and len(negative_texts) != rows:
+            raise ValueError(f"{len(negative_texts)} negative texts for {rows} prompts")
+        if generator is None:
+            generator = torch.Generator().manual_seed(0 if seed is None else seed)
+        if self.low is not None and low_res_tokens is None:
+            if low_res_images is not None:
+                low_res_tokens = self.low.tokens(low_res_images.to(self.device))
+            elif self.base is not None:
+                low_res_tokens = self.base(texts, class_ids=class_ids, steps=steps,
+                                           cfg_scale=cfg_scale, generator=generator,
+                                           negative_texts=negative_texts,
+                                           batch_size=batch_size).tokens.flatten(1)
+            else:
+                raise ValueError("a super-resolution stage needs low_res_tokens, "
+                                 "low_res_images or a base generator")
+        batch_size = batch_size or rows
+        outs = []
+        for start in range(0, rows, batch_size):
+            sl = slice(start, start + batch_size)
+            cond = {}
+            if c.condition == "text":
+                cond["text"], cond["text_mask"] = self._texts(texts[sl])
+            else:
+                cond["class_ids"] = class_ids[sl].to(self.device)
+            if low_res_tokens is not None:
+                cond["low_res"] = low_res_tokens[sl].to(self.device)
+            negative = None
+            if negative_texts is not None:
+                negative = self._texts(negative_texts[sl])
+            outs.append(self._decode(cond, negative, steps, schedule, temperature,
+                                     remask_temperature, top_k, top_p, cfg_scale,
+                                     critic, remask_fixed, generator, return_steps))
+        tokens = torch.cat([o[0] for o in outs])
+        grid = c.grid
+        tokens = tokens.view(-1, grid, grid)
+        images = self.vqgan.decode(tokens).clamp(-1, 1)
+        history = None
+        if return_steps:
+            history = [torch.cat([o[1][t] for o in outs]).view(-1, grid, grid)
+                       for t in range(steps)]
+        return Generated(images=images, tokens=tokens, steps=history)
+
+    def _call(self, *args, **kwargs):
+        import time
+
+        start = time.perf_counter()
+        out = self.model.transformer(*args, **kwargs)
+        self.transformer_seconds += time.perf_counter() - start
+        return out
+
+    def _decode(self, cond, negative, steps, schedule, temperature, remask_temperature,
+                top_k, top_p, cfg_scale, critic, remask_fixed, generator, return_steps):
+        model, device = self.model, self.device
+        ctx, ctx_mask = model.condition(**cond)
+        b, n, v = ctx.shape[0], model.num_tokens, model.config.num_codes
+        guided = cfg_scale is not None
+        if guided:  # conditional rows first, then the unconditional (null or negative) ones
+            if negative is not None:
+                u_ctx, u_mask = model.condition(**{**cond, "text": negative[0],
+                                                   "text_mask": negative[1]})
+            else:
+                u_ctx, u_mask = model.condition(**cond, drop=torch.ones(b, dtype=torch.bool))
+            length = max(ctx.shape[1], u_ctx.shape[1])
+            ctx = torch.cat([_pad(ctx, length), _pad(u_ctx, length)])
+            ctx_mask = torch.cat([_pad(ctx_mask, length), _pad(u_mask, length)])
+        tokens = torch.full((b, n), model.mask_id, dtype=torch.long, device=device)
+        known = torch.zeros(b, n, dtype=torch.bool, device=device)
+        hidden = None
+        history = []
+        for t, n_masked in enumerate(masked_counts(n, steps, schedule)):
+            inputs = torch.cat([tokens, tokens]) if guided else tokens
+            logits, hidden = self._call(inputs, ctx, ctx_mask, hidden)
+            if guided:
+                cond_logits, logits = logits[:b], logits[b:]
+            else:
+                cond_logits = None
+            temp = temperature if not isinstance(temperature, (tuple, list)) else \
+                temperature[0] + (temperature[1] - temperature[0]) * t / max(1, steps - 1)
+            noise = torch.rand(b * n, v, generator=generator).to(device)
+            sampled, probs = sample_logits(
+                logits.reshape(b * n, v), temperature=temp, top_k=top_k, top_p=top_p,
+                cond_logits=cond_logits.reshape(b * n, v) if guided else None,
+                cfg_scale=cfg_scale, noise=noise, return_probs=True)
+            sampled, probs = sampled.view(b, n), probs.view(b, n)
+            sampled = torch.where(known, tokens, sampled)
+            if critic == "self":
+                # the model's probability of each token given the completed map
+                full = torch.cat([sampled, sampled]) if guided else sampled
+                re_logits, _ = self._call(full, ctx, ctx_mask)
+                confidence = torch.log_softmax(re_logits[:b].float(), -1).gather(
+                    -1, sampled[..., None])[..., 0]
+            elif critic is not None:
+                confidence = critic.score(sampled, ctx[:b], ctx_mask[:b])
+            else:
+                confidence = probs.clamp_min(1e-30).log()
+                if remask_fixed:
+                    mixed = logits if cond_logits is None else \
+                        logits + cfg_scale * (cond_logits - logits)
+                    fixed = torch.log_softmax(mixed.float(), -1).gather(
+                        -1, sampled[..., None])[..., 0]
+                    confidence = torch.where(known, fixed, confidence)
+            if remask_temperature > 0:
+                scale = remask_temperature * (1 - (t + 1) / steps)
+                confidence = confidence + scale * _gumbel((b, n), generator, device)
+            if not remask_fixed:
+                confidence = confidence.masked_fill(known, math.inf)
+            remask = lowest_k_mask(confidence.float(), n_masked)
+            tokens = torch.where(remask, model.mask_id, sampled)
+            known = ~remask
+            if return_steps:
+                history.append(tokens.clone())
+        return tokens, history
+
+
+def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Pad dim 1 to `length` with zeros (False for masks)."""
+    if x.shape[1] == length:
+        return x
+    pad = torch.zeros(x.shape[0], length - x.shape[1], *x.shape[2:], dtype=x.dtype,
+                      device=x.device)
+    return torch.cat([x, pad], 1)

@@ -1,0 +1,372 @@
+"""Muse / MaskGIT (Chang et al. 2022, 2023): a bidirectional transformer that fills in
+masked image tokens, conditioned on text (or a class), decoded in a few parallel steps.
+
+    caption ids [B, T] -> TextEncoder -> context [B, T, C]            (or class -> [B, 1, C])
+    image -> frozen VQGAN -> tokens [B, N]; some replaced by [MASK] (id = num_codes)
+    tokens -> embed + positions -> blocks (self-attn, cross-attn to context, MLP)
+           -> logits over the codebook [B, N, num_codes]
+
+Training masks a share of the tokens drawn from the schedule (cosine by default) and
+scores the masked ones only, through `linear_cross_entropy` (no [B, N, V] logits kept);
+the condition is replaced by a learned null one with probability `cond_dropout`, which is
+what classifier-free guidance needs. Optional self-conditioning feeds the previous pass's
+hidden states back in. A super-resolution stage is the same model with the low-resolution
+stage's tokens appended to its context (`low_res_codes` > 0). Decoding: t2i.generate.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from t2i.data.scenes import SHAPES
+from t2i.models import Pretrained, load_pretrained, save_pretrained
+from t2i.modules.attention import LearnedPositions, TransformerBlock
+from t2i.training.task import Task
+from t2i_kernels import linear_cross_entropy, lowest_k_mask
+
+SCHEDULES = ("cosine", "arccos", "linear")
+
+
+def mask_ratio(progress: torch.Tensor | float, schedule: str = "cosine"):
+    """Share of tokens masked at decoding progress r in [0, 1]: 1 at r = 0, 0 at r = 1."""
+    r = torch.as_tensor(progress, dtype=torch.float64)
+    if schedule == "cosine":
+        out = torch.cos(r * math.pi / 2)
+    elif schedule == "arccos":
+        out = torch.arccos(r) / (math.pi / 2)
+    elif schedule == "linear":
+        out = 1 - r
+    else:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    return out.clamp(0, 1)
+
+
+@dataclass
+class MuseConfig:
+    tokenizer: str = "runs/muse_shapes/vqgan"  # VQGAN run whose tokens are modelled
+    tokenizer_config: str = "training/configs/vqgan_shapes.yaml"  # trains it when missing
+    num_codes: int = 0  # codebook size (0: the tokenizer's)
+    grid: int = 0  # tokens per image side (0: the tokenizer's)
+    dim: int = 256  # transformer width
+    depth: int = 4  # transformer blocks
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    condition: str = "text"  # "text" (cross-attention to a text encoder) or "class"
+    num_classes: int = len(SHAPES)  # "class": labels 0..num_classes-1 (synthetic: shapes)
+    text_vocab: int = 0  # caption vocabulary (0: the data tokenizer's)
+    text_length: int = 0  # caption positions (0: the data tokenizer's max_length)
+    text_dim: int = 256  # text encoder width = cross-attention context width
+    text_depth: int = 2  # text encoder blocks
+    cond_dropout: float = 0.1  # P(null condition) per sample in training: enables CFG
+    self_condition: bool = False  # feed back the previous pass's hidden states
+    schedule: str = "cosine"  # training mask-ratio schedule (decoding picks its own)
+    label_smoothing: float = 0.1
+    low_res_tokenizer: str = ""  # super-resolution: the low-res stage's VQGAN run ("": base)
+    low_res_size: int = 32  # super-resolution: the low-res stage's image side
+    low_res_codes: int = 0  # its codebook size (0: from low_res_tokenizer)
+    low_res_grid: int = 0  # its tokens per side (0: from low_res_tokenizer)
+
+
+class TextEncoder(nn.Module):
+    """Caption ids [B, T] + mask -> states [B, T', C] (T' = the batch's longest caption)."""
+
+    def __init__(self, vocab: int, length: int, dim: int, depth: int, heads: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = LearnedPositions(length, dim)
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor):
+        n = max(1, int(mask.sum(1).max()))  # padding past the longest caption is never read
+        ids, mask = ids[:, :n], mask[:, :n]
+        x = self.pos(self.embed(ids))
+        for block in self.blocks:
+            x = block(x, key_padding_mask=mask)
+        return self.norm(x), mask
+
+
+class MaskGitTransformer(nn.Module, Pretrained):
+    """>>> model = MaskGitTransformer.from_pretrained("runs/muse_shapes")
+    >>> ctx = model.condition(text=ids, text_mask=mask)     # or class_ids=...
+    >>> logits, hidden = model(tokens, *ctx)                # [B, N, num_codes]"""
+
+    kind = "generator"  # what `t2i eval` scores it as
+
+    def __init__(self, config: MuseConfig):
+        super().__init__()
+        self.config = c = config
+        if c.num_codes < 1 or c.grid < 1:
+            raise ValueError("MuseConfig.num_codes and grid come from the tokenizer; got "
+                             f"{c.num_codes} and {c.grid}")
+        if c.condition not in ("text", "class"):
+            raise ValueError(f"model.condition: 'text' or 'class', got {c.condition!r}")
+        self.mask_id = c.num_codes
+        self.num_tokens = c.grid * c.grid
+        self.token_embed = nn.Embedding(c.num_codes + 1, c.dim)
+        self.pos = LearnedPositions(self.num_tokens, c.dim)
+        if c.condition == "text":
+            self.text = TextEncoder(c.text_vocab, c.text_length, c.text_dim, c.text_depth,
+                                    c.heads)
+        else:
+            self.class_embed = nn.Embedding(c.num_classes, c.text_dim)
+        self.null = nn.Parameter(torch.randn(1, 1, c.text_dim) * 0.02)  # the dropped condition
+        if c.low_res_codes:
+            self.low_embed = nn.Embedding(c.low_res_codes, c.text_dim)
+            self.low_pos = LearnedPositions(c.low_res_grid ** 2, c.text_dim)
+        if c.self_condition:
+            self.self_cond = nn.Linear(c.dim, c.dim)
+            nn.init.zeros_(self.self_cond.weight)
+            nn.init.zeros_(self.self_cond.bias)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(c.dim, c.heads, mlp_ratio=c.mlp_ratio, dropout=c.dropout,
+                             context_dim=c.text_dim) for _ in range(c.depth))
+        self.norm = nn.LayerNorm(c.dim)
+        self.head = nn.Linear(c.dim, c.num_codes)
+
+    # ---------------------------------------------------------------- condition
+
+    def condition(self, *, text=None, text_mask=None, class_ids=None, low_res=None,
+                  drop: torch.Tensor | None = None):
+        """-> (context [B, L, C], context mask bool [B, L]). Rows where `drop` is True get
+        the null condition (the text or class is hidden; low-res tokens never are)."""
+        if self.config.condition == "text":
+            if text is None:
+                raise ValueError("this model is conditioned on text: pass text and text_mask")
+            ctx, mask = self.text(text, text_mask)
+        else:
+            if class_ids is None:
+                raise ValueError("this model is class-conditional: pass class_ids")
+            if int(class_ids.min()) < 0 or int(class_ids.max()) >= self.config.num_classes:
+                raise ValueError(f"class ids must be in [0, {self.config.num_classes})")
+            ctx = self.class_embed(class_ids)[:, None]
+            mask = torch.ones(len(class_ids), 1, dtype=torch.bool, device=ctx.device)
+        if drop is not None:
+            ctx, mask = self._drop(ctx, mask, drop)
+        if self.config.low_res_codes:
+            if low_res is None:
+                raise ValueError("a super-resolution stage needs the low-res tokens")
+            low = self.low_pos(self.low_embed(low_res.flatten(1)))
+            ctx = torch.cat([ctx, low], 1)
+            mask = torch.cat([mask, torch.ones(low.shape[:2], dtype=torch.bool,
+                                               device=mask.device)], 1)
+        return ctx, mask
+
+    def _drop(self, ctx, mask, drop):
+        """Null condition: the learned vector at position 0, nothing else visible."""
+        drop = drop.to(ctx.device)[:, None]
+        first = torch.zeros_like(mask)
+        first[:, 0] = True
+        ctx = torch.cat([torch.where(drop[..., None], self.null.to(ctx.dtype), ctx[:, :1]),
+                         ctx[:, 1:]], 1)
+        return ctx, torch.where(drop, first, mask)
+
+    def null_condition(self, batch: int, like: tuple | None = None):
+        """The unconditional context for `batch` rows (padded to `like`'s length)."""
+        c = self.config
+        n = like[0].shape[1] if like is not None else 1
+        ctx = self.null.expand(batch, n, c.text_dim).contiguous()
+        mask = torch.zeros(batch, n, dtype=torch.bool, device=ctx.device)
+        mask[:, 0] = True
+        return ctx, mask
+
+    # ---------------------------------------------------------------- transformer
+
+    def forward(self, *args, mode: str = "logits", **kwargs):
+        """mode "logits": `transformer(...)`; mode "loss": `training_loss(...)`. One entry,
+        so that a DeepSpeed engine (ZeRO-3 included) sees every parameter a training step
+        uses inside its forward."""
+        if mode == "loss":
+            return self.training_loss(*args, **kwargs)
+        return self.transformer(*args, **kwargs)
+
+    def transformer(self, tokens: torch.Tensor, context: torch.Tensor,
+                    context_mask: torch.Tensor, self_cond: torch.Tensor | None = None,
+                    return_logits: bool = True):
+        """tokens long [B, N] (mask id = num_codes) -> (logits [B, N, V] or None,
+        hidden [B, N, dim])."""
+        x = self.pos(self.token_embed(tokens))
+        if self_cond is not None and self.config.self_condition:
+            x = x + self.self_cond(self_cond)
+        for block in self.blocks:
+            x = block(x, context=context, context_mask=context_mask)
+        hidden = self.norm(x)
+        return (self.head(hidden) if return_logits else None), hidden
+
+    def loss(self, tokens: torch.Tensor, masked: torch.Tensor, context, context_mask,
+             self_cond_rows: torch.Tensor | None = None):
+        """Cross-entropy on the masked positions. tokens long [B, N] (the truth), masked
+        bool [B, N]. `self_cond_rows` bool [B]: rows that first run once without gradient
+        and see that pass's hidden states. -> (loss, accuracy on masked tokens)."""
+        inputs = torch.where(masked, self.mask_id, tokens)
+        self_cond = None
+        if self.config.self_condition and self_cond_rows is not None:
+            with torch.no_grad():
+                _, first = self.transformer(inputs, context, context_mask, return_logits=False)
+            self_cond = first * self_cond_rows[:, None, None].to(first.dtype)
+        _, hidden = self.transformer(inputs, context, context_mask, self_cond,
+                                     return_logits=False)
+        targets = torch.where(masked, tokens, -100)
+        loss = linear_cross_entropy(hidden, self.head.weight, targets, bias=self.head.bias,
+                                    label_smoothing=self.config.label_smoothing)
+        with torch.no_grad():
+            picked = hidden[masked]
+            accuracy = ((picked @ self.head.weight.T + self.head.bias).argmax(-1)
+                        == tokens[masked]).float().mean()
+        return loss, accuracy
+
+    def training_loss(self, tokens, masked, condition: dict, self_cond_rows=None):
+        """The condition (with its dropped rows) and `loss`, in one call."""
+        return self.loss(tokens, masked, *self.condition(**condition), self_cond_rows)
+
+
+def random_mask(batch: int, n: int, schedule: str, device, generator=None) -> torch.Tensor:
+    """Training masks: per row a ratio from the schedule at a uniform progress, at least one
+    token, positions uniformly at random. -> bool [B, N]."""
+    r = torch.rand(batch, generator=generator, device=device)
+    k = (mask_ratio(r, schedule) * n).ceil().long().clamp(1, n).to(device)
+    return lowest_k_mask(torch.rand(batch, n, generator=generator, device=device), k)
+
+
+def class_labels(batch: dict) -> torch.Tensor:
+    """Class of each synthetic scene: the shape of its first-drawn object."""
+    records = batch.get("record")
+    if records is None or any(r is None or not r.get("objects") for r in records):
+        raise ValueError("class-conditional training reads the shape classes from the "
+                         "synthetic scenes' json attributes; this data set has none")
+    return torch.tensor([SHAPES.index(r["objects"][0]["shape"]) for r in records])
+
+
+class MuseTask(Task):
+    family, stage = "muse", "transformer"
+
+    def __init__(self, config: MuseConfig, data, tokenizer=None):
+        super().__init__(config, data, tokenizer)
+        from t2i.models.vqgan import VQGAN
+
+        if config.schedule not in SCHEDULES:
+            raise ValueError(f"model.schedule must be one of {SCHEDULES}")
+        self.vqgan = _load_tokenizer(config.tokenizer, VQGAN).requires_grad_(False)
+        grid = data.image_size // 2 ** (len(self.vqgan.config.mults) - 1)
+        config.num_codes = config.num_codes or self.vqgan.config.num_codes
+        config.grid = config.grid or grid
+        if (config.num_codes, config.grid) != (self.vqgan.config.num_codes, grid):
+            raise ValueError(f"model.num_codes / grid ({config.num_codes}, {config.grid}) "
+                             f"differ from the tokenizer's ({self.vqgan.config.num_codes}, "
+                             f"{grid}) at data.image_size {data.image_size}")
+        if tokenizer is not None:
+            config.text_vocab = config.text_vocab or tokenizer.vocab_size
+            config.text_length = config.text_length or tokenizer.max_length
+        self.low = None
+        if config.low_res_tokenizer:
+            self.low = LowRes(_load_tokenizer(config.low_res_tokenizer, VQGAN),
+                              config.low_res_size)
+            config.low_res_codes = self.low.vqgan.config.num_codes
+            config.low_res_grid = self.low.grid
+        self.model = MaskGitTransformer(config)
+
+    @classmethod
+    def prerequisite(cls, model: dict):
+        path = model.get("tokenizer", MuseConfig.tokenizer)
+        if os.path.exists(os.path.join(path, "export", "config.json")) or \
+                os.path.exists(os.path.join(path, "config.json")):
+            return None
+        return model.get("tokenizer_config", MuseConfig.tokenizer_config), [f"run.out={path}"]
+
+    def _tokens(self, images: torch.Tensor) -> torch.Tensor:
+        self.vqgan.to(images.device)
+        with torch.no_grad():
+            return self.vqgan.encode(images.float()).flatten(1)
+
+    def _inputs(self, batch: dict, drop=None):
+        c = self.config
+        kwargs = {"drop": drop}
+        if c.condition == "text":
+            kwargs.update(text=batch["text"], text_mask=batch["text_mask"])
+        else:
+            kwargs["class_ids"] = class_labels(batch).to(batch["image"].device)
+        if self.low is not None:
+            kwargs["low_res"] = self.low.tokens(batch["image"])
+        return kwargs
+
+    def losses(self, engines, batch, step):
+        tokens = self._tokens(batch["image"])
+        b, n = tokens.shape
+        device = tokens.device
+        masked = random_mask(b, n, self.config.schedule, device)
+        drop = torch.rand(b, device=device) < self.config.cond_dropout
+        sc = torch.rand(b, device=device) < 0.5 if self.config.self_condition else None
+        loss, accuracy = engines["model"](tokens, masked, self._inputs(batch, drop), sc,
+                                          mode="loss")
+        yield "model", loss, {"ce": loss.item(), "accuracy": accuracy.item(),
+                              "masked": masked.float().mean().item()}
+
+    @torch.no_grad()
+    def samples(self, model, batch):
+        """Rows: real images; generated for their captions (seed 0, CFG 3); the same, no CFG."""
+        from t2i.generate import MuseGenerator
+
+        gen = MuseGenerator(model, self.vqgan, self.tokenizer, low=self.low)
+        n = min(8, len(batch["image"]))
+        cond = {"class_ids": class_labels(batch)[:n]} if self.config.condition == "class" \
+            else {"texts": batch["caption"][:n]}
+        extra = {"low_res_images": batch["image"][:n]} if self.low is not None else {}
+        rows = [batch["image"][:n]]
+        for cfg in (3.0, None):
+            rows.append(gen(**cond, **extra, seed=0, cfg_scale=cfg).images)
+        return rows
+
+    @torch.no_grad()
+    def evaluate(self, model, batches):
+        """Masked-token accuracy and loss at a fixed set of masks (seeded), conditional."""
+        g = torch.Generator().manual_seed(0)
+        losses, accs = [], []
+        for batch in batches:
+            tokens = self._tokens(batch["image"])
+            masked = random_mask(*tokens.shape, self.config.schedule, "cpu", g).to(tokens.device)
+            ctx = model.condition(**self._inputs(batch))
+            loss, acc = model.loss(tokens, masked, *ctx)
+            losses.append(float(loss))
+            accs.append(float(acc))
+        return {"val_ce": sum(losses) / len(losses), "val_accuracy": sum(accs) / len(accs)}
+
+    def export(self, path: str) -> None:
+        save_pretrained(self.vqgan, os.path.join(path, "vqgan"), family="vqgan",
+                        stage="tokenizer")
+        if self.low is not None:
+            save_pretrained(self.low.vqgan, os.path.join(path, "low_res_vqgan"),
+                            family="vqgan", stage="tokenizer",
+                            extra={"image_size": self.low.size})
+
+
+class LowRes:
+    """What a super-resolution stage sees of the base stage: its frozen VQGAN, which
+    tokenizes the image shrunk to the base's size."""
+
+    def __init__(self, vqgan, size: int):
+        self.vqgan, self.size = vqgan.requires_grad_(False), size
+        self.grid = size // 2 ** (len(vqgan.config.mults) - 1)
+
+    @torch.no_grad()
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, S, S] -> the base's tokens of their downsized copies [B, n]."""
+        self.vqgan.to(images.device)
+        small = F.interpolate(images.float(), size=(self.size, self.size), mode="area")
+        return self.vqgan.encode(small).flatten(1)
+
+
+def _load_tokenizer(path: str, expect):
+    try:
+        return load_pretrained(path, expect=expect)
+    except FileNotFoundError:
+        raise ValueError(f"model.tokenizer: {path} has no exported VQGAN; train it first "
+                         f"(train.py does so itself when model.tokenizer_config names its "
+                         f"config)") from None
+
+
+CONFIG, MODEL, STAGES = MuseConfig, MaskGitTransformer, {"transformer": MuseTask}

@@ -1,0 +1,49 @@
+"""Trained generators from run directories, ready to call.
+
+    >>> pipe = t2i.pipelines.load("runs/muse_shapes")
+    >>> images = pipe(["a red circle above a blue square"], seed=0).images   # [1, 3, 32, 32]
+
+A run's export/ holds everything: the transformer (model.safetensors, config.json), the
+caption tokenizer, and the frozen VQGAN(s) it was trained on (vqgan/, low_res_vqgan/).
+Neither DeepSpeed nor the training code is needed.
+"""
+
+import json
+import os
+
+from t2i.data import load_tokenizer
+from t2i.generate import MuseGenerator
+from t2i.models import load_pretrained
+
+
+def _export_dir(run_dir: str) -> str:
+    path = os.path.join(run_dir, "export")
+    path = path if os.path.isdir(path) else run_dir
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{run_dir}: no exported model (export/config.json); a "
+                                f"training run writes one at every checkpoint")
+    return path
+
+
+def load(run_dir: str, *, base: str | None = None, device: str = "cpu") -> MuseGenerator:
+    """The generator exported under `run_dir`. A super-resolution stage chains after the
+    base stage at `base` (a run directory), unless low-res tokens or images are passed at
+    call time."""
+    from t2i.models.muse import LowRes, MaskGitTransformer
+
+    path = _export_dir(run_dir)
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta["family"] != "muse":
+        raise ValueError(f"{run_dir} holds a {meta['family']} {meta['stage']}, not a "
+                         f"generator (t2i.pipelines loads: muse)")
+    model = load_pretrained(path, expect=MaskGitTransformer).to(device)
+    vqgan = load_pretrained(os.path.join(path, "vqgan")).to(device)
+    tokenizer = load_tokenizer(path)
+    low = base_gen = None
+    if model.config.low_res_codes:
+        low_path = os.path.join(path, "low_res_vqgan")
+        low = LowRes(load_pretrained(low_path).to(device), model.config.low_res_size)
+        if base is not None:
+            base_gen = load(base, device=device)
+    return MuseGenerator(model, vqgan, tokenizer, low=low, base=base_gen)

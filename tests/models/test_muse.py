@@ -1,0 +1,152 @@
+"""Muse / MaskGIT with tiny components (hidden 32, depth 2, codebook 16): forward,
+backward, generation, guidance, schedules, seeds, kernel paths, bad input."""
+
+import os
+import warnings
+
+import pytest
+import torch
+
+from t2i.data import ByteTokenizer
+from t2i.generate import MuseGenerator, masked_counts
+from t2i.models.muse import MaskGitTransformer, MuseConfig, mask_ratio, random_mask
+from t2i.models.vqgan import VQGAN, VQGANConfig
+
+TOKENIZER = ByteTokenizer(48)
+
+
+def _model(**kw) -> MaskGitTransformer:
+    torch.manual_seed(0)
+    config = MuseConfig(num_codes=16, grid=4, dim=32, depth=2, heads=4,
+                        text_vocab=TOKENIZER.vocab_size, text_length=48, text_dim=32,
+                        text_depth=1, **kw)
+    return MaskGitTransformer(config).eval()
+
+
+@pytest.fixture(scope="module")
+def vqgan():
+    torch.manual_seed(0)
+    return VQGAN(VQGANConfig(channels=8, mults=(1, 2, 2), num_codes=16, code_dim=8)).eval()
+
+
+def test_forward_and_backward_touch_every_parameter():
+    model = _model(self_condition=True).train()
+    ids, mask = TOKENIZER(["a red circle on the left", "a small blue ring at the top"])
+    tokens = torch.randint(0, 16, (2, 16))
+    masked = random_mask(2, 16, "cosine", "cpu")
+    loss, accuracy = model(tokens, masked, {"text": ids, "text_mask": mask,
+                                            "drop": torch.tensor([True, False])},
+                           torch.tensor([True, True]), mode="loss")
+    loss.backward()
+    assert torch.isfinite(loss) and 0 <= accuracy <= 1
+    untouched = [n for n, p in model.named_parameters() if p.grad is None]
+    assert untouched == []
+    logits, hidden = model(tokens, *model.condition(text=ids, text_mask=mask))
+    assert logits.shape == (2, 16, 16) and hidden.shape == (2, 16, 32)
+
+
+def test_masking_schedules_hit_their_endpoints():
+    for schedule in ("cosine", "arccos", "linear"):
+        assert float(mask_ratio(0.0, schedule)) == pytest.approx(1.0)
+        assert float(mask_ratio(1.0, schedule)) == pytest.approx(0.0, abs=1e-7)
+        counts = masked_counts(64, 12, schedule)
+        assert counts[-1] == 0 and all(a > b for a, b in zip([64] + counts, counts, strict=False))
+    assert masked_counts(5, 12, "cosine")[4:] == [0] * 8  # more steps than tokens
+    with pytest.raises(ValueError):
+        mask_ratio(0.5, "square")
+    masks = random_mask(1000, 16, "cosine", "cpu", torch.Generator().manual_seed(0))
+    assert masks.sum(1).min() >= 1 and masks.sum(1).max() == 16
+
+
+def test_generation_starts_all_masked_and_ends_with_none(vqgan):
+    gen = MuseGenerator(_model(), vqgan, TOKENIZER)
+    out = gen(["a red circle", "two blue bars"], steps=5, seed=0, return_steps=True)
+    assert out.images.shape == (2, 3, 16, 16) and out.tokens.shape == (2, 4, 4)
+    masked = [int((s == 16).sum()) for s in out.steps]
+    assert masked == [2 * k for k in masked_counts(16, 5, "cosine")] and masked[-1] == 0
+    assert out.tokens.max() < 16 and len(out.pil) == 2
+    # a token fixed at one step is never changed later (no remask_fixed)
+    for before, after in zip(out.steps, out.steps[1:], strict=False):
+        fixed = before != 16
+        assert torch.equal(before[fixed], after[fixed])
+
+
+def test_seeded_generation_is_reproducible_and_seeds_differ(vqgan):
+    gen = MuseGenerator(_model(), vqgan, TOKENIZER)
+    a = gen(["a red circle"] * 3, steps=4, cfg_scale=2.0, seed=1)
+    b = gen(["a red circle"] * 3, steps=4, cfg_scale=2.0, seed=1)
+    c = gen(["a red circle"] * 3, steps=4, cfg_scale=2.0, seed=2)
+    assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
+    # batching does not change what a prompt gets... given the same generator stream per batch
+    d = gen(["a red circle"] * 3, steps=4, cfg_scale=2.0, seed=1, batch_size=3)
+    assert torch.equal(a.tokens, d.tokens)
+
+
+def test_cfg_scale_zero_is_the_unconditional_model(vqgan):
+    model = _model()
+    gen = MuseGenerator(model, vqgan, TOKENIZER)
+    guided = gen(["a red circle", "a green bar"], steps=4, cfg_scale=0.0, seed=3)
+
+    class Unconditional(torch.nn.Module):  # the same model, always given the null condition
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+            self.config, self.mask_id, self.num_tokens = model.config, model.mask_id, 16
+
+        def condition(self, **kw):
+            kw["drop"] = torch.ones(len(kw["text"]), dtype=torch.bool)
+            return model.condition(**kw)
+
+        def transformer(self, *args, **kw):
+            return model.transformer(*args, **kw)
+
+    plain = MuseGenerator(Unconditional(), vqgan, TOKENIZER)(
+        ["a red circle", "a green bar"], steps=4, seed=3)
+    assert torch.equal(guided.tokens, plain.tokens)
+    conditional = gen(["a red circle", "a green bar"], steps=4, seed=3)
+    assert torch.equal(gen(["a red circle", "a green bar"], steps=4, cfg_scale=1.0,
+                           seed=3).tokens, conditional.tokens)
+
+
+@pytest.mark.parametrize("critic,remask_fixed", [(None, False), ("self", False), (None, True)])
+def test_kernel_torch_path_equals_the_reference_token_for_token(vqgan, monkeypatch, critic,
+                                                                remask_fixed):
+    gen = MuseGenerator(_model(), vqgan, TOKENIZER)
+    kwargs = dict(steps=6, cfg_scale=2.5, top_k=8, temperature=(1.0, 0.5), seed=4,
+                  critic=critic, remask_fixed=remask_fixed)
+    monkeypatch.setenv("T2I_KERNEL_BACKEND", "torch")
+    fast = gen(["a large red circle on the left", "a small blue ring"], **kwargs)
+    monkeypatch.setenv("T2I_KERNEL_BACKEND", "reference")
+    ref = gen(["a large red circle on the left", "a small blue ring"], **kwargs)
+    assert torch.equal(fast.tokens, ref.tokens)
+
+
+def test_class_conditional_and_self_conditioned_models_generate(vqgan):
+    model = _model(condition="class", num_classes=7, self_condition=True)
+    out = MuseGenerator(model, vqgan)(class_ids=[0, 3, 6], steps=3, cfg_scale=2.0, seed=0)
+    assert out.tokens.shape == (3, 4, 4)
+    with pytest.raises(ValueError, match="class ids"):
+        MuseGenerator(model, vqgan)(class_ids=[7], steps=3)
+
+
+def test_bad_generation_input_is_a_clear_error(vqgan):
+    gen = MuseGenerator(_model(), vqgan, TOKENIZER)
+    with pytest.raises(ValueError, match="no prompts"):
+        gen([], steps=2)
+    with pytest.raises(ValueError, match="empty"):
+        gen(["a red circle", "  "], steps=2)
+    with pytest.raises(ValueError, match="steps"):
+        gen(["a red circle"], steps=0)
+    with pytest.raises(ValueError, match="schedule"):
+        gen(["a red circle"], schedule="square")
+    with pytest.warns(UserWarning, match="truncated"):
+        gen(["a red circle " * 10], steps=2)
+    with pytest.raises(ValueError, match="negative"):
+        gen(["a", "b"], negative_texts=["c"], cfg_scale=2.0)
+    no_dropout = MuseGenerator(_model(cond_dropout=0.0), vqgan, TOKENIZER)
+    with pytest.warns(UserWarning, match="without condition dropout"):
+        no_dropout(["a red circle"], steps=2, cfg_scale=3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        no_dropout(["a red circle"], steps=2)  # no guidance asked: no warning
+    assert os.environ.get("T2I_KERNEL_BACKEND") in (None, "", "torch", "reference", "triton")
