@@ -98,3 +98,39 @@ def bench_zero_stages(benchmark, record, scenes, tmp_path, stage):
     # the plain loop takes the modules of a ZeRO-1 trainer: ZeRO-3 leaves them partitioned
     plain = _trainer("vqgan", "small", 1, scenes, str(tmp_path / "plain"), gan=False)
     record(**_measure(benchmark, trainer, plain))
+
+
+@pytest.fixture(scope="module")
+def vqgan16(tmp_path_factory):
+    """vqgan16_shapes.yaml's VQGAN, randomly initialised and exported: the Muse step's
+    speed does not depend on its weights."""
+    from t2i.models import save_pretrained
+    from t2i.models.vqgan import VQGAN, VQGANConfig
+
+    out = str(tmp_path_factory.mktemp("vqgan16"))
+    vqgan = VQGAN(VQGANConfig(channels=32, mults=(1, 2), num_codes=256, code_dim=32))
+    save_pretrained(vqgan, os.path.join(out, "export"), family="vqgan", stage="tokenizer")
+    return out
+
+
+@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+def bench_muse_training(benchmark, record, scenes, vqgan16, tmp_path, stage):
+    benchmark.group = "training: Muse base (muse_shapes.yaml model, fp32, batch 32, 32 px)"
+    overrides = [f"model.tokenizer={vqgan16}", f"data.path={scenes}",
+                 f"run.out={tmp_path / 'run'}", "run.progress=false", "data.workers=0",
+                 "data.val_batches=1"]
+    ds = {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1,
+          "gradient_clipping": 1.0, "zero_optimization": {"stage": stage},
+          "steps_per_print": 10 ** 9}
+
+    def make(out):
+        config, _ = load_config(os.path.join(CONFIGS, "muse_shapes.yaml"),
+                                overrides + [f"run.out={out}"])
+        return Trainer(config, ds, resume=False)
+
+    trainer, plain = make(str(tmp_path / "run")), make(str(tmp_path / "plain"))
+    if stage == 3:  # the plain loop needs whole modules: take them from a ZeRO-2 trainer
+        ds["zero_optimization"] = {"stage": 2}
+        plain = make(str(tmp_path / "plain2"))
+    params = sum(p.numel() for p in trainer.task.model.parameters())
+    record(params_M=round(params / 1e6, 2), **_measure(benchmark, trainer, plain))

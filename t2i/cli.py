@@ -60,7 +60,10 @@ def _generate(args) -> None:
     from t2i.images import save_grid
     from t2i.pipelines import load
 
-    pipe = load(args.model, base=args.base)
+    critic = args.critic
+    pipe = load(args.model, base=args.base,
+                critic=critic if critic not in (None, "self") else None)
+    critic = "critic" if critic not in (None, "self") else critic
     if args.num < 1:
         raise ValueError(f"--num must be at least 1, got {args.num}")
     class_mode = pipe.model.config.condition == "class"
@@ -73,7 +76,7 @@ def _generate(args) -> None:
         cond = {"class_ids": [prompt] * args.num} if class_mode else {"texts": [prompt] * args.num}
         out = pipe(**cond, steps=args.steps, cfg_scale=args.cfg, seed=args.seed + 1000 * i,
                    schedule=args.schedule, temperature=args.temperature, top_k=args.top_k,
-                   critic=args.critic,
+                   critic=critic,
                    negative_texts=[args.negative] * args.num if args.negative else None)
         rows.append(out.images)
     save_grid(rows, args.out, scale=args.scale)
@@ -141,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--schedule", default="cosine", choices=("cosine", "arccos", "linear"))
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--top-k", type=int)
-    gen.add_argument("--critic", choices=("self",), help="re-mask by the model's own "
-                                                         "re-scoring instead of confidence")
+    gen.add_argument("--critic", help="what decides the re-masking instead of the tokens' "
+                                      "confidence: 'self' (the model re-scores) or a "
+                                      "token-critic run directory")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--scale", type=int, default=4, help="pixel enlargement in the grid")
     gen.add_argument("--out", required=True, help="PNG grid: one row per prompt")

@@ -102,8 +102,10 @@ class MuseGenerator:
         unconditional one, None no guidance (one pass per step). negative_texts replace the
         unconditional rows' null condition. critic: None (the sampled tokens' own
         probabilities), "self" (the model re-scores the completed map: one more call per
-        step) or a TokenCritic. remask_fixed: tokens fixed in earlier steps may be masked
-        again. seed / generator: reproducible draws on any kernel backend."""
+        step), "critic" (the token critic this generator was loaded with) or a critic
+        model (MaskGitTransformer with config.critic). remask_fixed: tokens fixed in
+        earlier steps may be masked again. seed / generator: reproducible draws on any
+        kernel backend."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         if schedule not in SCHEDULES:
@@ -153,6 +155,10 @@ class MuseGenerator:
             negative = None
             if negative_texts is not None:
                 negative = self._texts(negative_texts[sl])
+            if critic == "critic":
+                if self.critic is None:
+                    raise ValueError("critic='critic' needs a generator loaded with a critic")
+                critic = self.critic
             outs.append(self._decode(cond, negative, steps, schedule, temperature,
                                      remask_temperature, top_k, top_p, cfg_scale,
                                      critic, remask_fixed, generator, return_steps))
@@ -215,8 +221,8 @@ class MuseGenerator:
                 re_logits, _ = self._call(full, ctx, ctx_mask)
                 confidence = torch.log_softmax(re_logits[:b].float(), -1).gather(
                     -1, sampled[..., None])[..., 0]
-            elif critic is not None:
-                confidence = critic.score(sampled, ctx[:b], ctx_mask[:b])
+            elif critic is not None:  # a token critic model reads the map itself
+                confidence = critic.score(sampled, **cond)
             else:
                 confidence = probs.clamp_min(1e-30).log()
                 if remask_fixed:

@@ -25,10 +25,11 @@ def _export_dir(run_dir: str) -> str:
     return path
 
 
-def load(run_dir: str, *, base: str | None = None, device: str = "cpu") -> MuseGenerator:
+def load(run_dir: str, *, base: str | None = None, critic: str | None = None,
+         device: str = "cpu") -> MuseGenerator:
     """The generator exported under `run_dir`. A super-resolution stage chains after the
     base stage at `base` (a run directory), unless low-res tokens or images are passed at
-    call time."""
+    call time. `critic`: a token-critic run, used when generating with critic="critic"."""
     from t2i.models.muse import LowRes, MaskGitTransformer
 
     path = _export_dir(run_dir)
@@ -38,6 +39,9 @@ def load(run_dir: str, *, base: str | None = None, device: str = "cpu") -> MuseG
         raise ValueError(f"{run_dir} holds a {meta['family']} {meta['stage']}, not a "
                          f"generator (t2i.pipelines loads: muse)")
     model = load_pretrained(path, expect=MaskGitTransformer).to(device)
+    if model.config.critic:
+        raise ValueError(f"{run_dir} holds a token critic; load its generator and pass "
+                         f"critic={run_dir!r}")
     vqgan = load_pretrained(os.path.join(path, "vqgan")).to(device)
     tokenizer = load_tokenizer(path)
     low = base_gen = None
@@ -46,4 +50,9 @@ def load(run_dir: str, *, base: str | None = None, device: str = "cpu") -> MuseG
         low = LowRes(load_pretrained(low_path).to(device), model.config.low_res_size)
         if base is not None:
             base_gen = load(base, device=device)
-    return MuseGenerator(model, vqgan, tokenizer, low=low, base=base_gen)
+    judge = None
+    if critic is not None:
+        judge = load_pretrained(_export_dir(critic), expect=MaskGitTransformer).to(device)
+        if not judge.config.critic:
+            raise ValueError(f"{critic} holds a generator, not a token critic")
+    return MuseGenerator(model, vqgan, tokenizer, low=low, base=base_gen, critic=judge)

@@ -1,6 +1,6 @@
 """Train any t2i model: the one entry point.
 
-    deepspeed training/train.py --config training/configs/vqgan_shapes.yaml \
+    deepspeed training/train.py --config training/configs/muse_shapes.yaml \
         [--deepspeed_config training/configs/ds_zero2.json] [--resume] [key=value ...]
     python training/train.py --config ...              (one process, no launcher)
     deepspeed --num_gpus 2 training/train.py ...        (two local ranks; on CPU too)
@@ -34,9 +34,9 @@ DEFAULT_DS_CONFIG = os.path.join(HERE, "configs", "ds_zero2.json")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=os.path.join(HERE, "configs", "vqgan_shapes.yaml"),
-                        help="YAML with model / data / run sections (default: the VQGAN "
-                             "tokenizer on the synthetic scenes)")
+    parser.add_argument("--config", default=os.path.join(HERE, "configs", "muse_shapes.yaml"),
+                        help="YAML with model / data / run sections (default: the Muse base "
+                             "model on the synthetic scenes, its VQGAN first)")
     parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                         help="set by the deepspeed launcher")
     resume = parser.add_mutually_exclusive_group()

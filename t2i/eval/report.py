@@ -221,8 +221,10 @@ def markdown(report: dict) -> str:
         for key in ("shape", "colour", "size", "position", "relation", "whole"):
             lines.append(f"| {key} | {_fmt(acc[key])} | {_fmt(ceil[key])} |")
         for n, group in acc["by_objects"].items():
-            lines.append(f"| whole, {n} object(s) ({group['count']}) | {_fmt(group['whole'])} "
-                         f"| {_fmt(ceil['by_objects'].get(n, {}).get('whole'))} |")
+            real = ceil["by_objects"].get(n, {})
+            for key in ("colour", "shape", "whole"):
+                lines.append(f"| {n} object(s) ({group['count']}): {key} | {_fmt(group[key])} "
+                             f"| {_fmt(real.get(key))} |")
         lines += ["", f"FD-probe {_fmt(report.get('fd_probe'))}, precision "
                       f"{_fmt(report.get('precision'))}, recall {_fmt(report.get('recall'))}.",
                   ""]

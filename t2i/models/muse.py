@@ -51,6 +51,7 @@ class MuseConfig:
     tokenizer_config: str = "training/configs/vqgan_shapes.yaml"  # trains it when missing
     num_codes: int = 0  # codebook size (0: the tokenizer's)
     grid: int = 0  # tokens per image side (0: the tokenizer's)
+    patch: int = 1  # tokens per side merged into one transformer position (2: 16x16 -> 8x8)
     dim: int = 256  # transformer width
     depth: int = 4  # transformer blocks
     heads: int = 8
@@ -70,6 +71,8 @@ class MuseConfig:
     low_res_size: int = 32  # super-resolution: the low-res stage's image side
     low_res_codes: int = 0  # its codebook size (0: from low_res_tokenizer)
     low_res_grid: int = 0  # its tokens per side (0: from low_res_tokenizer)
+    critic: bool = False  # a token critic (Lezama et al. 2022): one "sampled?" logit a token
+    base: str = ""  # critic stage: the generator run whose samples it learns to spot
 
 
 class TextEncoder(nn.Module):
@@ -106,10 +109,15 @@ class MaskGitTransformer(nn.Module, Pretrained):
                              f"{c.num_codes} and {c.grid}")
         if c.condition not in ("text", "class"):
             raise ValueError(f"model.condition: 'text' or 'class', got {c.condition!r}")
+        if c.grid % c.patch:
+            raise ValueError(f"model.patch {c.patch} does not divide the {c.grid} tokens a side")
         self.mask_id = c.num_codes
         self.num_tokens = c.grid * c.grid
         self.token_embed = nn.Embedding(c.num_codes + 1, c.dim)
-        self.pos = LearnedPositions(self.num_tokens, c.dim)
+        self.pos = LearnedPositions(self.num_tokens // c.patch ** 2, c.dim)
+        if c.patch > 1:  # p x p tokens in, one position through the blocks, p x p out
+            self.merge = nn.Linear(c.patch ** 2 * c.dim, c.dim)
+            self.split = nn.Linear(c.dim, c.patch ** 2 * c.dim)
         if c.condition == "text":
             self.text = TextEncoder(c.text_vocab, c.text_length, c.text_dim, c.text_depth,
                                     c.heads)
@@ -127,7 +135,9 @@ class MaskGitTransformer(nn.Module, Pretrained):
             TransformerBlock(c.dim, c.heads, mlp_ratio=c.mlp_ratio, dropout=c.dropout,
                              context_dim=c.text_dim) for _ in range(c.depth))
         self.norm = nn.LayerNorm(c.dim)
-        self.head = nn.Linear(c.dim, c.num_codes)
+        self.head = nn.Linear(c.dim, 1 if c.critic else c.num_codes)
+        if c.critic:
+            self.kind = "critic"
 
     # ---------------------------------------------------------------- condition
 
@@ -183,6 +193,8 @@ class MaskGitTransformer(nn.Module, Pretrained):
         uses inside its forward."""
         if mode == "loss":
             return self.training_loss(*args, **kwargs)
+        if mode == "critic":
+            return self.critic_loss(*args, **kwargs)
         return self.transformer(*args, **kwargs)
 
     def transformer(self, tokens: torch.Tensor, context: torch.Tensor,
@@ -190,13 +202,32 @@ class MaskGitTransformer(nn.Module, Pretrained):
                     return_logits: bool = True):
         """tokens long [B, N] (mask id = num_codes) -> (logits [B, N, V] or None,
         hidden [B, N, dim])."""
-        x = self.pos(self.token_embed(tokens))
+        x = self.token_embed(tokens)  # [B, N, dim]
         if self_cond is not None and self.config.self_condition:
             x = x + self.self_cond(self_cond)
+        p = self.config.patch
+        if p > 1:
+            x = self.merge(self._group(x))  # [B, N / p^2, dim]
+        x = self.pos(x)
         for block in self.blocks:
             x = block(x, context=context, context_mask=context_mask)
         hidden = self.norm(x)
+        if p > 1:
+            hidden = self._ungroup(self.split(hidden))  # [B, N, dim]
         return (self.head(hidden) if return_logits else None), hidden
+
+    def _group(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N, D] in raster order -> [B, N / p^2, p^2 D], one row per p x p patch."""
+        b, _, d = x.shape
+        g, p = self.config.grid, self.config.patch
+        x = x.view(b, g // p, p, g // p, p, d).permute(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, (g // p) ** 2, p * p * d)
+
+    def _ungroup(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, pd = x.shape
+        g, p = self.config.grid, self.config.patch
+        x = x.view(b, g // p, g // p, p, p, pd // (p * p)).permute(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, g * g, pd // (p * p))
 
     def loss(self, tokens: torch.Tensor, masked: torch.Tensor, context, context_mask,
              self_cond_rows: torch.Tensor | None = None):
@@ -223,6 +254,21 @@ class MaskGitTransformer(nn.Module, Pretrained):
     def training_loss(self, tokens, masked, condition: dict, self_cond_rows=None):
         """The condition (with its dropped rows) and `loss`, in one call."""
         return self.loss(tokens, masked, *self.condition(**condition), self_cond_rows)
+
+    def critic_loss(self, tokens, sampled: torch.Tensor, condition: dict):
+        """Critic: binary cross-entropy of "this token was sampled, not the original" over
+        every position of a partly re-sampled map. -> (loss, accuracy)."""
+        logits, _ = self.transformer(tokens, *self.condition(**condition))
+        target = sampled.to(logits.dtype)
+        loss = F.binary_cross_entropy_with_logits(logits[..., 0].float(), target.float())
+        accuracy = ((logits[..., 0] > 0) == sampled).float().mean()
+        return loss, accuracy.detach()
+
+    @torch.no_grad()
+    def score(self, tokens: torch.Tensor, **condition) -> torch.Tensor:
+        """Critic: how original each token of a full map looks (higher: keep it) [B, N]."""
+        logits, _ = self.transformer(tokens, *self.condition(**condition))
+        return -logits[..., 0].float()
 
 
 def random_mask(batch: int, n: int, schedule: str, device, generator=None) -> torch.Tensor:
@@ -369,4 +415,70 @@ def _load_tokenizer(path: str, expect):
                          f"config)") from None
 
 
-CONFIG, MODEL, STAGES = MuseConfig, MaskGitTransformer, {"transformer": MuseTask}
+class CriticTask(MuseTask):
+    """The token critic: learns which tokens of a map the base generator filled in."""
+
+    stage = "critic"
+
+    def __init__(self, config: MuseConfig, data, tokenizer=None):
+        if not config.base:
+            raise ValueError("model.base: the critic stage needs the generator run it judges")
+        config.critic = True
+        self.base = load_pretrained(config.base, expect=MaskGitTransformer)
+        self.base.requires_grad_(False)
+        config.tokenizer = os.path.join(config.base, "export", "vqgan") \
+            if os.path.isdir(os.path.join(config.base, "export")) else \
+            os.path.join(config.base, "vqgan")
+        super().__init__(config, data, tokenizer)
+        if self.base.config.text_vocab != config.text_vocab:
+            raise ValueError("the critic reads captions with another tokenizer than its base: "
+                             "set data.tokenizer to the base run's export folder")
+
+    @classmethod
+    def prerequisite(cls, model: dict):
+        return None
+
+    def losses(self, engines, batch, step):
+        tokens = self._tokens(batch["image"])
+        b, n = tokens.shape
+        masked = random_mask(b, n, self.config.schedule, tokens.device)
+        cond = self._inputs(batch)
+        with torch.no_grad():
+            self.base.to(tokens.device)
+            logits, _ = self.base(torch.where(masked, self.base.mask_id, tokens),
+                                  *self.base.condition(**cond))
+            drawn = torch.distributions.Categorical(logits=logits.float()).sample()
+        mixed = torch.where(masked, drawn, tokens)
+        sampled = masked & (drawn != tokens)
+        loss, accuracy = engines["model"](mixed, sampled, cond, mode="critic")
+        yield "model", loss, {"bce": loss.item(), "accuracy": accuracy.item(),
+                              "sampled": sampled.float().mean().item()}
+
+    @torch.no_grad()
+    def samples(self, model, batch):
+        from t2i.generate import MuseGenerator
+
+        gen = MuseGenerator(self.base, self.vqgan, self.tokenizer)
+        texts = batch["caption"][:8]
+        return [batch["image"][:8], gen(texts, seed=0, cfg_scale=3.0).images,
+                gen(texts, seed=0, cfg_scale=3.0, critic=model).images]
+
+    @torch.no_grad()
+    def evaluate(self, model, batches):
+        g = torch.Generator().manual_seed(0)
+        accs = []
+        for batch in batches:
+            tokens = self._tokens(batch["image"])
+            masked = random_mask(*tokens.shape, self.config.schedule, "cpu", g)
+            cond = self._inputs(batch)
+            logits, _ = self.base.to(tokens.device)(
+                torch.where(masked, self.base.mask_id, tokens), *self.base.condition(**cond))
+            drawn = logits.argmax(-1)
+            sampled = masked & (drawn != tokens)
+            _, acc = model.critic_loss(torch.where(masked, drawn, tokens), sampled, cond)
+            accs.append(float(acc))
+        return {"val_accuracy": sum(accs) / len(accs)}
+
+
+CONFIG, MODEL = MuseConfig, MaskGitTransformer
+STAGES = {"transformer": MuseTask, "critic": CriticTask}

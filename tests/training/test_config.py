@@ -46,10 +46,17 @@ def test_overrides_reach_nested_values_with_yaml_types(tmp_path):
 
 def test_every_shipped_config_loads():
     names = [n for n in os.listdir(CONFIGS) if n.endswith(".yaml")]
-    assert {"vqgan_shapes.yaml", "dvae_shapes.yaml", "vqseg_shapes.yaml"} <= set(names)
+    assert {"vqgan_shapes.yaml", "dvae_shapes.yaml", "vqseg_shapes.yaml", "muse_shapes.yaml",
+            "muse_superres_shapes.yaml", "probe_shapes.yaml"} <= set(names)
+    from t2i.models import get_family
+
     for name in names:
         config, _ = load_config(os.path.join(CONFIGS, name))
         assert isinstance(config, TrainConfig)
+        family = get_family(config.model["family"])
+        assert config.model["stage"] in family.STAGES, name
+        keys = {k: v for k, v in config.model.items() if k not in ("family", "stage")}
+        from_dict(family.CONFIG, keys, "model")  # every family key exists and has its type
 
 
 def test_family_keys_are_checked_by_the_family_config():

@@ -76,6 +76,47 @@ def test_a_tiny_muse_run_exports_a_generator(tiny_vqgan, synth_dir, ds_config, t
     assert 0 <= scored["caption_accuracy"]["whole"] <= 1 and scored["fd_probe"] >= 0
     assert main(["eval", "--model", out, "--num", "4", "--out", str(report)]) == 2  # no probe
 
+    # a token critic for this generator, then generation re-masking by it
+    critic = str(tmp_path / "critic")
+    config, _ = load_config(os.path.join(REPO, "training", "configs", "muse_shapes.yaml"),
+                            _muse_overrides(synth_dir, critic, tiny_vqgan)
+                            + ["model.stage=critic", f"model.base={out}",
+                               f"data.tokenizer={out}/export"])
+    assert "val_accuracy" in Trainer(config, ds_config(2)).train()
+    judged = load(out, critic=critic)
+    first = judged(["a red circle"], steps=3, critic="critic", seed=0).tokens
+    assert torch.equal(first, judged(["a red circle"], steps=3, critic="critic", seed=0).tokens)
+    assert main(["generate", "--model", out, "--critic", critic, "--prompt", "a red circle",
+                 "--num", "2", "--steps", "3", "--out", str(grid)]) == 0
+    with pytest.raises(ValueError, match="token critic"):
+        load(critic)
+
+
+@pytest.mark.slow
+def test_a_super_resolution_stage_trains_on_the_base_tokens_and_chains(
+        tiny_vqgan, synth_dir, ds_config, tmp_path):
+    from t2i.training.config import load_config
+
+    base = str(tmp_path / "base")
+    config, _ = load_config(os.path.join(REPO, "training", "configs", "muse_shapes.yaml"),
+                            _muse_overrides(synth_dir, base, tiny_vqgan, steps=2)
+                            + ["data.image_size=8"])  # the base makes 8 px images
+    Trainer(config, ds_config(2)).train()
+    sr = str(tmp_path / "sr")
+    # 16 px images over the tiny VQGAN's 8 x 8 tokens, conditioned on its 4 x 4 tokens of
+    # the same images shrunk to 8 px (the real configs: 64 px over 32 px)
+    config, _ = load_config(os.path.join(REPO, "training", "configs", "muse_shapes.yaml"),
+                            _muse_overrides(synth_dir, sr, tiny_vqgan, steps=2)
+                            + [f"model.low_res_tokenizer={tiny_vqgan}", "model.low_res_size=8",
+                               f"data.tokenizer={base}/export"])
+    Trainer(config, ds_config(2)).train()
+    chain = load(sr, base=base)
+    out = chain(["a red circle on the left", "a blue ring"], steps=3, seed=0)
+    assert out.images.shape == (2, 3, 16, 16)
+    assert chain.low.grid == 4 and chain.base is not None
+    with pytest.raises(ValueError, match="low_res"):
+        load(sr)(["a red circle"], steps=2)
+
 
 @pytest.mark.slow
 def test_train_py_trains_the_missing_tokenizer_first_then_muse_on_two_ranks(

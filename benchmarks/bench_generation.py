@@ -1,0 +1,78 @@
+"""Muse / MaskGIT generation speed: images/s at batch 1 and 32 for 8, 12 and 24 steps.
+
+The model is muse_shapes.yaml's architecture (16 x 16 tokens of 256 codes run as 8 x 8
+positions, width 192, depth 4, text encoder depth 2) over vqgan16_shapes.yaml's VQGAN,
+randomly initialised: speed does not depend on the weights. Guidance is on (scale 3): each
+step is one transformer call on 2B rows. Figures per row: images/s, the share of the time
+spent outside the transformer calls (sampling, re-masking, text encoding, VQGAN decoding;
+goal < 10%), and the same decoding with the kernels' reference paths (full sorts and
+softmaxes: what a plain implementation does) in the same run. Correctness gate first:
+seeded decoding repeats itself and the torch path draws the reference path's tokens.
+"""
+
+import os
+import time
+
+import pytest
+import torch
+
+from benchmarks._measure import interleaved_medians, mib, peak_extra_bytes
+from t2i.data import ByteTokenizer
+from t2i.generate import MuseGenerator
+from t2i.models.muse import MaskGitTransformer, MuseConfig
+from t2i.models.vqgan import VQGAN, VQGANConfig
+
+PROMPT = "a large red circle on the left. the large red circle is left of the small blue ring"
+
+
+@pytest.fixture(scope="module")
+def generator():
+    torch.manual_seed(0)
+    tokenizer = ByteTokenizer(96)
+    vqgan = VQGAN(VQGANConfig(channels=32, mults=(1, 2), num_codes=256, code_dim=32)).eval()
+    model = MaskGitTransformer(MuseConfig(
+        num_codes=256, grid=16, patch=2, dim=192, depth=4, heads=6,
+        text_vocab=tokenizer.vocab_size, text_length=96, text_dim=192, text_depth=2)).eval()
+    return MuseGenerator(model, vqgan, tokenizer)
+
+
+def _run(gen, batch, steps):
+    return gen([PROMPT] * batch, steps=steps, cfg_scale=3.0, seed=0)
+
+
+def _with_backend(backend, fn):
+    def call():
+        old = os.environ.get("T2I_KERNEL_BACKEND")
+        os.environ["T2I_KERNEL_BACKEND"] = backend
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["T2I_KERNEL_BACKEND"]
+            else:
+                os.environ["T2I_KERNEL_BACKEND"] = old
+    return call
+
+
+@pytest.mark.parametrize("steps", [8, 12, 24])
+@pytest.mark.parametrize("batch", [1, 32])
+def bench_generation(benchmark, record, generator, batch, steps):
+    benchmark.group = "generation: Muse base, 32 px, CFG 3 (images/s)"
+    ours = _with_backend("torch", lambda: _run(generator, batch, steps))
+    ref = _with_backend("reference", lambda: _run(generator, batch, steps))
+    first = ours()
+    assert torch.equal(first.tokens, ours().tokens)  # gate: seeded decoding repeats itself
+    if batch == 1:  # gate: the fast path draws exactly the reference path's tokens
+        assert torch.equal(first.tokens, ref().tokens)
+    generator.transformer_seconds = 0.0
+    t_ours, t_ref = interleaved_medians(ours, ref, rounds=3 if batch == 32 else 5)
+    generator.transformer_seconds = 0.0
+    benchmark.pedantic(ours, rounds=3, iterations=1)
+    generator.transformer_seconds = 0.0
+    start = time.perf_counter()
+    ours()
+    total = time.perf_counter() - start
+    outside = 1 - generator.transformer_seconds / total
+    record(images_per_s=round(batch / t_ours, 2), outside_transformer=round(outside, 3),
+           reference_images_per_s=round(batch / t_ref, 2), vs_reference=round(t_ours / t_ref, 3),
+           peak_MiB=mib(peak_extra_bytes(ours)))
