@@ -132,5 +132,5 @@ def bench_muse_training(benchmark, record, scenes, vqgan16, tmp_path, stage):
     if stage == 3:  # the plain loop needs whole modules: take them from a ZeRO-2 trainer
         ds["zero_optimization"] = {"stage": 2}
         plain = make(str(tmp_path / "plain2"))
-    params = sum(p.numel() for p in trainer.task.model.parameters())
+    params = sum(p.numel() for p in plain.task.model.parameters())  # whole, not partitioned
     record(params_M=round(params / 1e6, 2), **_measure(benchmark, trainer, plain))

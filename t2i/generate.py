@@ -10,6 +10,7 @@ once, one `lowest_k_mask` choosing what to mask again. No Python loop over token
 """
 
 import math
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -172,24 +173,40 @@ class MuseGenerator:
                        for t in range(steps)]
         return Generated(images=images, tokens=tokens, steps=history)
 
-    def _call(self, *args, **kwargs):
-        import time
-
+    def _timed(self, fn, *args, **kwargs):
+        """Run a network call (text encoder, transformer), adding its time to
+        `transformer_seconds`: what decoding spends outside is the rest."""
         start = time.perf_counter()
-        out = self.model.transformer(*args, **kwargs)
+        out = fn(*args, **kwargs)
         self.transformer_seconds += time.perf_counter() - start
         return out
+
+    def _logits(self, inputs, ctx, ctx_mask, self_cond, where):
+        """Logits at the positions `where` (long [R, k], R = rows of inputs; None: all):
+        the output head runs only where tokens are still to be drawn."""
+        logits, hidden = None, None
+
+        def run():
+            nonlocal logits, hidden
+            _, hidden = self.model.transformer(inputs, ctx, ctx_mask, self_cond,
+                                               return_logits=False)
+            h = hidden if where is None else hidden.gather(
+                1, where[..., None].expand(-1, -1, hidden.shape[-1]))
+            logits = self.model.head(h)
+
+        self._timed(run)
+        return logits, hidden
 
     def _decode(self, cond, negative, steps, schedule, temperature, remask_temperature,
                 top_k, top_p, cfg_scale, critic, remask_fixed, generator, return_steps):
         model, device = self.model, self.device
-        ctx, ctx_mask = model.condition(**cond)
+        ctx, ctx_mask = self._timed(model.condition, **cond)
         b, n, v = ctx.shape[0], model.num_tokens, model.config.num_codes
         guided = cfg_scale is not None
         if guided:  # conditional rows first, then the unconditional (null or negative) ones
             if negative is not None:
-                u_ctx, u_mask = model.condition(**{**cond, "text": negative[0],
-                                                   "text_mask": negative[1]})
+                u_ctx, u_mask = self._timed(model.condition, **{**cond, "text": negative[0],
+                                                                "text_mask": negative[1]})
             else:
                 u_ctx, u_mask = model.condition(**cond, drop=torch.ones(b, dtype=torch.bool))
             length = max(ctx.shape[1], u_ctx.shape[1])
@@ -199,38 +216,47 @@ class MuseGenerator:
         known = torch.zeros(b, n, dtype=torch.bool, device=device)
         hidden = None
         history = []
+        current = n  # every row has exactly this many masked tokens
         for t, n_masked in enumerate(masked_counts(n, steps, schedule)):
+            # the masked positions of each row, in order (a stable sort: no host sync)
+            where = None if remask_fixed else \
+                torch.argsort(known.to(torch.int8), dim=1, stable=True)[:, :current]
             inputs = torch.cat([tokens, tokens]) if guided else tokens
-            logits, hidden = self._call(inputs, ctx, ctx_mask, hidden)
+            rows = None if where is None else (torch.cat([where, where]) if guided else where)
+            logits, hidden = self._logits(inputs, ctx, ctx_mask, hidden, rows)
+            cond_logits = None
             if guided:
                 cond_logits, logits = logits[:b], logits[b:]
-            else:
-                cond_logits = None
+            k = logits.shape[1]
             temp = temperature if not isinstance(temperature, (tuple, list)) else \
                 temperature[0] + (temperature[1] - temperature[0]) * t / max(1, steps - 1)
-            noise = torch.rand(b * n, v, generator=generator).to(device)
-            sampled, probs = sample_logits(
-                logits.reshape(b * n, v), temperature=temp, top_k=top_k, top_p=top_p,
-                cond_logits=cond_logits.reshape(b * n, v) if guided else None,
+            noise = torch.rand(b * k, v, generator=generator).to(device)
+            drawn, probs = sample_logits(
+                logits.reshape(b * k, v), temperature=temp, top_k=top_k, top_p=top_p,
+                cond_logits=cond_logits.reshape(b * k, v) if guided else None,
                 cfg_scale=cfg_scale, noise=noise, return_probs=True)
-            sampled, probs = sampled.view(b, n), probs.view(b, n)
-            sampled = torch.where(known, tokens, sampled)
+            drawn, probs = drawn.view(b, k), probs.view(b, k)
+            if where is None:
+                sampled = torch.where(known, tokens, drawn)
+                confidence = probs.clamp_min(1e-30).log()
+            else:
+                sampled = tokens.scatter(1, where, drawn)
+                confidence = torch.full((b, n), math.inf, device=device).scatter(
+                    1, where, probs.clamp_min(1e-30).log())
             if critic == "self":
                 # the model's probability of each token given the completed map
                 full = torch.cat([sampled, sampled]) if guided else sampled
-                re_logits, _ = self._call(full, ctx, ctx_mask)
+                re_logits, _ = self._logits(full, ctx, ctx_mask, None, None)
                 confidence = torch.log_softmax(re_logits[:b].float(), -1).gather(
                     -1, sampled[..., None])[..., 0]
             elif critic is not None:  # a token critic model reads the map itself
-                confidence = critic.score(sampled, **cond)
-            else:
-                confidence = probs.clamp_min(1e-30).log()
-                if remask_fixed:
-                    mixed = logits if cond_logits is None else \
-                        logits + cfg_scale * (cond_logits - logits)
-                    fixed = torch.log_softmax(mixed.float(), -1).gather(
-                        -1, sampled[..., None])[..., 0]
-                    confidence = torch.where(known, fixed, confidence)
+                confidence = self._timed(critic.score, sampled, **cond)
+            elif remask_fixed:  # fixed tokens compete with their current probability
+                mixed = logits if cond_logits is None else \
+                    logits + cfg_scale * (cond_logits - logits)
+                fixed = torch.log_softmax(mixed.float(), -1).gather(
+                    -1, sampled[..., None])[..., 0]
+                confidence = torch.where(known, fixed, confidence)
             if remask_temperature > 0:
                 scale = remask_temperature * (1 - (t + 1) / steps)
                 confidence = confidence + scale * _gumbel((b, n), generator, device)
@@ -239,6 +265,7 @@ class MuseGenerator:
             remask = lowest_k_mask(confidence.float(), n_masked)
             tokens = torch.where(remask, model.mask_id, sampled)
             known = ~remask
+            current = n_masked
             if return_steps:
                 history.append(tokens.clone())
         return tokens, history

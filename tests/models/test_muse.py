@@ -90,7 +90,7 @@ def test_cfg_scale_zero_is_the_unconditional_model(vqgan):
     class Unconditional(torch.nn.Module):  # the same model, always given the null condition
         def __init__(self):
             super().__init__()
-            self.inner = model
+            self.inner, self.head = model, model.head
             self.config, self.mask_id, self.num_tokens = model.config, model.mask_id, 16
 
         def condition(self, **kw):
