@@ -154,3 +154,21 @@ def test_muse_without_its_tokenizer_is_a_clear_error(synth_dir, ds_config, tmp_p
     with pytest.raises(FileNotFoundError, match="no exported model"):
         load(str(tmp_path))
     assert "muse" not in TINY_MODEL  # muse runs need a tokenizer run: see _muse_overrides
+
+
+@pytest.mark.slow
+def test_a_class_conditional_run_reads_its_classes_from_the_scene_records(
+        tiny_vqgan, synth_dir, ds_config, tmp_path):
+    from t2i.training.config import load_config
+
+    out = str(tmp_path / "class")
+    config, _ = load_config(os.path.join(REPO, "training", "configs", "muse_class_shapes.yaml"),
+                            _muse_overrides(synth_dir, out, tiny_vqgan, steps=2))
+    assert "val_ce" in Trainer(config, ds_config(2)).train()
+    pipe = load(out)
+    assert pipe(class_ids=[0, 6], steps=2, cfg_scale=2.0).images.shape == (2, 3, 16, 16)
+    grid = tmp_path / "classes.png"
+    assert main(["generate", "--model", out, "--class-id", "1", "--num", "2", "--steps", "2",
+                 "--out", str(grid)]) == 0
+    assert main(["generate", "--model", out, "--prompt", "a red circle", "--out",
+                 str(grid)]) == 2  # a class model takes --class-id
