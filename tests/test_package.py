@@ -56,3 +56,8 @@ def test_backend_defaults_and_forcing(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         choose_backend(torch.zeros(1))
+
+
+def test_import_t2i_is_light_and_submodules_load_on_first_use():
+    assert _run("import sys, t2i; print('torch' in sys.modules)") == "False"
+    assert _run("import t2i; print(callable(t2i.pipelines.load))") == "True"
