@@ -65,10 +65,6 @@ class MuseGenerator:
         return next(self.model.parameters()).device
 
     def _texts(self, texts: Sequence[str]):
-        if isinstance(texts, str):
-            texts = [texts]
-        if len(texts) == 0:
-            raise ValueError("no prompts: pass at least one text")
         if any(not isinstance(t, str) or not t.strip() for t in texts):
             raise ValueError("a prompt is empty; every prompt needs some text")
         ids, masks, cut = [], [], []
@@ -142,6 +138,10 @@ class MuseGenerator:
             else:
                 raise ValueError("a super-resolution stage needs low_res_tokens, "
                                  "low_res_images or a base generator")
+        if critic == "critic":
+            if self.critic is None:
+                raise ValueError("critic='critic' needs a generator loaded with a critic")
+            critic = self.critic
         batch_size = batch_size or rows
         outs = []
         for start in range(0, rows, batch_size):
@@ -156,10 +156,6 @@ class MuseGenerator:
             negative = None
             if negative_texts is not None:
                 negative = self._texts(negative_texts[sl])
-            if critic == "critic":
-                if self.critic is None:
-                    raise ValueError("critic='critic' needs a generator loaded with a critic")
-                critic = self.critic
             outs.append(self._decode(cond, negative, steps, schedule, temperature,
                                      remask_temperature, top_k, top_p, cfg_scale,
                                      critic, remask_fixed, generator, return_steps))
@@ -184,17 +180,13 @@ class MuseGenerator:
     def _logits(self, inputs, ctx, ctx_mask, self_cond, where):
         """Logits at the positions `where` (long [R, k], R = rows of inputs; None: all):
         the output head runs only where tokens are still to be drawn."""
-        logits, hidden = None, None
-
-        def run():
-            nonlocal logits, hidden
-            _, hidden = self.model.transformer(inputs, ctx, ctx_mask, self_cond,
-                                               return_logits=False)
-            h = hidden if where is None else hidden.gather(
-                1, where[..., None].expand(-1, -1, hidden.shape[-1]))
-            logits = self.model.head(h)
-
-        self._timed(run)
+        start = time.perf_counter()
+        _, hidden = self.model.transformer(inputs, ctx, ctx_mask, self_cond,
+                                           return_logits=False)
+        picked = hidden if where is None else hidden.gather(
+            1, where[..., None].expand(-1, -1, hidden.shape[-1]))
+        logits = self.model.head(picked)
+        self.transformer_seconds += time.perf_counter() - start
         return logits, hidden
 
     def _decode(self, cond, negative, steps, schedule, temperature, remask_temperature,

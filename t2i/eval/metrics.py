@@ -83,14 +83,18 @@ def mean_iou(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> floa
 
 
 @torch.no_grad()
-def reconstruction_metrics(tokenizer, batches, num_codes: int) -> dict[str, float]:
+def reconstruction_metrics(tokenizer, batches, num_codes: int,
+                           reconstructions: list | None = None) -> dict[str, float]:
     """An image tokenizer (encode -> ids, decode -> images) over batches of {"image"}:
     mean PSNR (each image's capped at 100 dB) and SSIM of the round trip, and the codebook
-    statistics of the ids."""
+    statistics of the ids. `reconstructions`: a list that receives each batch's round trip,
+    for callers that score the images further."""
     psnrs, ssims, ids = [], [], []
     for batch in batches:
         codes = tokenizer.encode(batch["image"])
         recon = tokenizer.decode(codes).clamp(-1, 1)
+        if reconstructions is not None:
+            reconstructions.append(recon)
         psnrs.append(psnr(recon, batch["image"]))
         ssims.append(ssim(recon, batch["image"]))
         ids.append(codes.flatten())

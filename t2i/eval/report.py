@@ -23,8 +23,9 @@ import torch
 from tqdm import tqdm
 
 from t2i.data import ByteTokenizer, ImageTextPipeline
-from t2i.eval.attributes import caption_accuracy, describe
+from t2i.eval.attributes import caption_scores, describe, summarize
 from t2i.eval.distribution import frechet_distance, precision_recall
+from t2i.eval.metrics import reconstruction_metrics
 from t2i.images import save_grid
 from t2i.models import get_family, load_pretrained
 from t2i.training.config import DataConfig, from_dict
@@ -70,22 +71,19 @@ def _targets(val: dict) -> list:
 
 def probe_scores(probe, images: torch.Tensor, val: dict) -> dict:
     """Caption accuracy of `images` and of the real images of the same captions (ceiling),
-    FD-probe and precision / recall against the real images."""
+    FD-probe and precision / recall against the real images. Each image set goes through
+    the probe once (once in all when `images` are the real ones)."""
     targets = _targets(val)
-    scored = caption_accuracy(probe, images, targets)
-    ceiling = caption_accuracy(probe, val["image"], targets)
-    real_f, fake_f = (torch.cat([probe.features(x[i:i + 256]) for i in range(0, len(x), 256)])
-                      for x in (val["image"], images))
-    out = {"caption_accuracy": _public(scored), "ceiling": _public(ceiling),
-           "scores": scored["scores"], "predicted": scored["predicted"],
+    real_tables, real_f = probe.read(val["image"])
+    tables, fake_f = (real_tables, real_f) if images is val["image"] else probe.read(images)
+    scores = caption_scores(tables, targets)
+    out = {"caption_accuracy": summarize(scores),
+           "ceiling": summarize(caption_scores(real_tables, targets)),
+           "scores": scores, "predicted": tables,
            "fd_probe": frechet_distance(real_f, fake_f) if len(images) >= 2 else None}
     if len(images) >= 4:
         out.update(precision_recall(real_f, fake_f))
     return out
-
-
-def _public(accuracy: dict) -> dict:
-    return {k: v for k, v in accuracy.items() if k not in ("scores", "predicted")}
 
 
 def inception_scores(path: str | None, images: torch.Tensor, real: torch.Tensor) -> dict:
@@ -138,11 +136,11 @@ def evaluate_run(run_dir: str, *, out: str, probe_dir: str | None = None,
         images = _generate(run_dir, val["caption"], seed, args)
         report["generate"] = args
     elif kind == "image_tokenizer":
-        task = get_family(meta["family"]).STAGES[meta["stage"]](model.config, data)
         batches = [{"image": val["image"][i:i + 128]} for i in range(0, report["num"], 128)]
-        report["reconstruction"] = task.evaluate(model, batches)
-        images = torch.cat([model.decode(model.encode(b["image"])).clamp(-1, 1)
-                            for b in batches])
+        recon = []
+        report["reconstruction"] = reconstruction_metrics(model, batches,
+                                                          model.config.num_codes, recon)
+        images = torch.cat(recon)
     elif kind == "seg_tokenizer":
         if val["seg"] is None:
             raise ValueError(f"{data.path}: the validation samples have no segmentation maps")

@@ -71,8 +71,19 @@ class AttributeProbe(nn.Module, Pretrained):
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """-> long [B, slots, heads]: per slot the class of each head, 0 = no object."""
-        logits, _ = self(images.float())
-        return torch.stack([x.argmax(-1) for x in logits.values()], -1)
+        return self.read(images)[0]
+
+    @torch.no_grad()
+    def read(self, images: torch.Tensor, batch_size: int = 256
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables and features of many images in one pass, `batch_size` at a time.
+        -> (long [N, slots, heads] on the CPU, features [N, F] on the CPU)."""
+        tables, features = [], []
+        for i in range(0, len(images), batch_size):
+            logits, f = self(images[i:i + batch_size].float())
+            tables.append(torch.stack([x.argmax(-1) for x in logits.values()], -1).cpu())
+            features.append(f.cpu())
+        return torch.cat(tables), torch.cat(features)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
