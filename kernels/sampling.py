@@ -308,14 +308,15 @@ def _nan_to(x: torch.Tensor, value: float) -> torch.Tensor:
     return torch.where(torch.isnan(x), value, x)
 
 
-def _guided_logits(logits, temperature, cond_logits, cfg_scale):
-    """fp32 CFG-combined, temperature-scaled logits, NaN -> -inf (T = 0 and 1: unscaled)."""
+def _guided_logits(logits, temperature, cond_logits, cfg_scale, clean: bool = True):
+    """fp32 CFG-combined, temperature-scaled logits, NaN -> -inf (T = 0 and 1: unscaled).
+    clean=False leaves NaN in place (the caller checks)."""
     x = logits.float()
     if cond_logits is not None:
         x = x + cfg_scale * (cond_logits.float() - x)
     if temperature not in (0, 1):
         x = x / temperature
-    return _nan_to(x, float("-inf")) if torch.isnan(x).any() else x
+    return _nan_to(x, float("-inf")) if clean and torch.isnan(x).any() else x
 
 
 def filtered_probs_reference(logits, *, temperature=1.0, top_k=None, top_p=None,
@@ -376,7 +377,12 @@ def sample_logits_torch(logits, *, temperature=1.0, top_k=None, top_p=None, cond
     stable sort only when there is no top-k); the exponential race on the kept tokens.
     logits [B, V] -> (tokens long [B], probs fp32 [B])."""
     greedy = temperature == 0
-    x = _guided_logits(logits, temperature, cond_logits, cfg_scale)
+    x = _guided_logits(logits, temperature, cond_logits, cfg_scale, clean=False)
+    # one reduction tells the common case (every row's maximum finite: no NaN, no +inf, no
+    # empty row) from the rest, which takes the careful path below
+    plain = bool(torch.isfinite(x.amax(-1)).all())
+    if not plain:
+        x = _nan_to(x, float("-inf"))
     b, v = x.shape
     lse = None  # log-normaliser of the distribution top-p acts on; None: the candidates'
     if top_k is not None and top_k < v:
@@ -410,25 +416,36 @@ def sample_logits_torch(logits, *, temperature=1.0, top_k=None, top_p=None, cond
     if top_p is not None and top_p < 1.0:
         p = torch.exp(xc - (torch.logsumexp(xc, -1, keepdim=True) if lse is None else lse))
         xc = torch.where((p.cumsum(-1) - p) < top_p, xc, float("-inf"))
-    if greedy:
-        race = xc
-    else:
-        if noise is None:
-            u = torch.rand(xc.shape, generator=generator, device=x.device)
+    probs = torch.softmax(xc, -1)  # NaN only in rows with no finite logit (or a +inf one)
+    if greedy or not plain:
+        if greedy:
+            race = xc
         else:
-            u = noise.float() if cand is None else noise.float().gather(-1, cand)
-        race = xc - torch.log(-torch.log(u))
-    race = _nan_to(race, float("-inf"))
-    j = race.argmax(-1, keepdim=True)
-    if cand is not None:  # the first maximum in vocabulary order, as the other backends
-        tied = (race == race.gather(-1, j)) & (race > float("-inf"))
+            race = xc - torch.log(-torch.log(_race_noise(xc, cand, noise, generator)))
+        race = _nan_to(race, float("-inf"))
+        j = race.argmax(-1, keepdim=True)
+        kept = race > float("-inf")
+    else:
+        # the race on probabilities, as the reference: argmax p / -log u, i.e. the argmin
+        # of p / log u (<= 0): one logarithm a token instead of two, and no second pass
+        # for the probabilities
+        race = probs / torch.log(_race_noise(xc, cand, noise, generator))
+        j = race.argmin(-1, keepdim=True)
+        kept = None
+    if cand is not None:  # the first winner in vocabulary order, as the other backends
+        tied = (race == race.gather(-1, j)) & (probs > 0 if kept is None else kept)
         j = torch.where(tied, cand, v).argmin(-1, keepdim=True)
         tokens = cand.gather(-1, j)[:, 0]
     else:
         tokens = j[:, 0]
-    probs = torch.softmax(xc, -1)
-    probs = _nan_to(probs, 0.0).gather(-1, j)[:, 0]
-    return tokens, probs
+    return tokens, _nan_to(probs.gather(-1, j)[:, 0], 0.0)
+
+
+def _race_noise(xc, cand, noise, generator):
+    """Uniform noise for the race over the candidates `cand` (None: the whole row)."""
+    if noise is None:
+        return torch.rand(xc.shape, generator=generator, device=xc.device)
+    return noise.float() if cand is None else noise.float().gather(-1, cand)
 
 
 def lowest_k_mask_torch(scores, k):

@@ -59,6 +59,7 @@ class MuseGenerator:
         self.model, self.vqgan, self.tokenizer = model.eval(), vqgan.eval(), tokenizer
         self.low, self.base, self.critic = low, base, critic
         self.transformer_seconds = 0.0  # time inside transformer calls (benchmarks read it)
+        self.decode_seconds = 0.0  # time in the VQGAN decoder (tokens -> pixels)
 
     @property
     def device(self):
@@ -162,7 +163,9 @@ class MuseGenerator:
         tokens = torch.cat([o[0] for o in outs])
         grid = c.grid
         tokens = tokens.view(-1, grid, grid)
+        start = time.perf_counter()
         images = self.vqgan.decode(tokens).clamp(-1, 1)
+        self.decode_seconds += time.perf_counter() - start
         history = None
         if return_steps:
             history = [torch.cat([o[1][t] for o in outs]).view(-1, grid, grid)

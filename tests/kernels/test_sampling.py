@@ -68,6 +68,20 @@ def test_torch_path_draws_equal_the_reference(v, top_k, top_p, temperature, cfg)
     torch.testing.assert_close(probs, ref_probs, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("top_k", [None, 4])
+def test_torch_path_rows_without_a_finite_logit_match_the_reference(top_k):
+    # such rows send the whole call down the careful path: every row must still match
+    x, u = _logits(6, 30, special=False)
+    x[1] = float("-inf")
+    x[3, ::3] = float("nan")
+    x[4] = float("nan")
+    tokens, probs = sample_logits_torch(x, noise=u, top_k=top_k)
+    ref_tokens, ref_probs = sample_logits_reference(x, noise=u, top_k=top_k)
+    assert torch.equal(tokens, ref_tokens) and tokens[1] == 0 and tokens[4] == 0
+    torch.testing.assert_close(probs, ref_probs, rtol=1e-5, atol=1e-6)
+    assert probs[1] == 0 and probs[4] == 0 and (probs[[0, 2, 3, 5]] > 0).all()
+
+
 @pytest.mark.interpreter
 def test_triton_half_precision_logits():
     x, u = _logits(3, 500, special=False)
