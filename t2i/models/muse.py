@@ -25,7 +25,7 @@ from torch import nn
 from t2i.data.scenes import SHAPES
 from t2i.models import Pretrained, load_pretrained, save_pretrained
 from t2i.modules.attention import LearnedPositions, TransformerBlock
-from t2i.training.task import Task
+from t2i.training.task import Task, TokenCache
 from t2i_kernels import linear_cross_entropy, lowest_k_mask
 
 SCHEDULES = ("cosine", "arccos", "linear")
@@ -315,6 +315,7 @@ class MuseTask(Task):
             config.low_res_codes = self.low.vqgan.config.num_codes
             config.low_res_grid = self.low.grid
         self.model = MaskGitTransformer(config)
+        self.train_tokens = TokenCache(self._tokens)  # training batches: encoded once each
 
     @classmethod
     def prerequisite(cls, model: dict):
@@ -341,7 +342,7 @@ class MuseTask(Task):
         return kwargs
 
     def losses(self, engines, batch, step):
-        tokens = self._tokens(batch["image"])
+        tokens = self.train_tokens(batch["image"], batch.get("key"))
         b, n = tokens.shape
         device = tokens.device
         masked = random_mask(b, n, self.config.schedule, device)
@@ -439,7 +440,7 @@ class CriticTask(MuseTask):
         return None
 
     def losses(self, engines, batch, step):
-        tokens = self._tokens(batch["image"])
+        tokens = self.train_tokens(batch["image"], batch.get("key"))
         b, n = tokens.shape
         masked = random_mask(b, n, self.config.schedule, tokens.device)
         cond = self._inputs(batch)

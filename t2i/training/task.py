@@ -31,6 +31,31 @@ def frozen(module: nn.Module):
             p.requires_grad_(flag)
 
 
+class TokenCache:
+    """A frozen tokenizer's token maps, kept per sample key: a training run encodes each
+    image once, not once per epoch (the images are decoded and centre-cropped the same way
+    every time). `encode`: images [B, ...] -> long [B, N]. Holds at most `limit` maps, as
+    int16 on the CPU when the codes fit (256 tokens: 512 bytes a sample)."""
+
+    def __init__(self, encode, limit: int = 200_000):
+        self.encode, self.limit = encode, limit
+        self.store: dict[str, torch.Tensor] = {}
+
+    def __call__(self, images: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor:
+        if keys is None or self.limit <= 0:
+            return self.encode(images)
+        maps = [self.store.get(k) for k in keys]
+        missing = [i for i, m in enumerate(maps) if m is None]
+        if missing:
+            fresh = self.encode(images[missing])
+            small = fresh.cpu().to(torch.int16) if int(fresh.max()) < 2**15 else fresh.cpu()
+            for j, i in enumerate(missing):
+                maps[i] = small[j]
+                if len(self.store) < self.limit:
+                    self.store[keys[i]] = small[j]
+        return torch.stack(maps).to(images.device, torch.long)
+
+
 class Task:
     """One family stage's recipe.
 
