@@ -203,7 +203,8 @@ class MuseGenerator:
                 u_ctx, u_mask = self._timed(model.condition, **{**cond, "text": negative[0],
                                                                 "text_mask": negative[1]})
             else:
-                u_ctx, u_mask = model.condition(**cond, drop=torch.ones(b, dtype=torch.bool))
+                u_ctx, u_mask = self._timed(model.condition, **cond,
+                                            drop=torch.ones(b, dtype=torch.bool))
             length = max(ctx.shape[1], u_ctx.shape[1])
             ctx = torch.cat([_pad(ctx, length), _pad(u_ctx, length)])
             ctx_mask = torch.cat([_pad(ctx_mask, length), _pad(u_mask, length)])

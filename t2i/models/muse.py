@@ -145,7 +145,12 @@ class MaskGitTransformer(nn.Module, Pretrained):
                   drop: torch.Tensor | None = None):
         """-> (context [B, L, C], context mask bool [B, L]). Rows where `drop` is True get
         the null condition (the text or class is hidden; low-res tokens never are)."""
-        if self.config.condition == "text":
+        if drop is not None and bool(drop.all()):
+            # every row unconditional (the guidance branch): the null vector alone, without
+            # running the text encoder whose states would be hidden anyway
+            ctx, mask = self.null_condition(len(drop))
+            drop = None
+        elif self.config.condition == "text":
             if text is None:
                 raise ValueError("this model is conditioned on text: pass text and text_mask")
             ctx, mask = self.text(text, text_mask)

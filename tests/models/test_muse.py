@@ -45,6 +45,21 @@ def test_forward_and_backward_touch_every_parameter():
     assert logits.shape == (2, 16, 16) and hidden.shape == (2, 16, 32)
 
 
+def test_all_dropped_condition_skips_the_text_but_attends_the_same():
+    model = _model()
+    ids, mask = TOKENIZER(["a red circle on the left", "a small blue ring at the top"])
+    tokens = torch.randint(0, 17, (2, 16), generator=torch.Generator().manual_seed(0))
+    drop = torch.ones(2, dtype=torch.bool)
+    with torch.no_grad():
+        ctx, ctx_mask = model.condition(text=ids, text_mask=mask, drop=drop)
+        assert ctx.shape[1] == 1  # the null vector alone: the text encoder did not run
+        hidden_null = model.transformer(tokens, ctx, ctx_mask)[1]
+        # the general path: text states computed, then hidden behind the null vector
+        full = model._drop(*model.condition(text=ids, text_mask=mask), drop)
+        hidden_full = model.transformer(tokens, *full)[1]
+    torch.testing.assert_close(hidden_null, hidden_full, rtol=1e-5, atol=1e-5)
+
+
 def test_masking_schedules_hit_their_endpoints():
     for schedule in ("cosine", "arccos", "linear"):
         assert float(mask_ratio(0.0, schedule)) == pytest.approx(1.0)
