@@ -321,6 +321,7 @@ class MuseTask(Task):
             config.low_res_grid = self.low.grid
         self.model = MaskGitTransformer(config)
         self.train_tokens = TokenCache(self._tokens)  # training batches: encoded once each
+        self.low_tokens = TokenCache(self.low.tokens) if self.low is not None else None
 
     @classmethod
     def prerequisite(cls, model: dict):
@@ -335,7 +336,9 @@ class MuseTask(Task):
         with torch.no_grad():
             return self.vqgan.encode(images.float()).flatten(1)
 
-    def _inputs(self, batch: dict, drop=None):
+    def _inputs(self, batch: dict, drop=None, training: bool = False):
+        """The condition's arguments; `training`: low-res tokens through the cache (the
+        training split's keys only: validation keys may name other images)."""
         c = self.config
         kwargs = {"drop": drop}
         if c.condition == "text":
@@ -343,7 +346,8 @@ class MuseTask(Task):
         else:
             kwargs["class_ids"] = class_labels(batch).to(batch["image"].device)
         if self.low is not None:
-            kwargs["low_res"] = self.low.tokens(batch["image"])
+            kwargs["low_res"] = self.low_tokens(batch["image"], batch.get("key")) \
+                if training else self.low.tokens(batch["image"])
         return kwargs
 
     def losses(self, engines, batch, step):
@@ -353,7 +357,7 @@ class MuseTask(Task):
         masked = random_mask(b, n, self.config.schedule, device)
         drop = torch.rand(b, device=device) < self.config.cond_dropout
         sc = torch.rand(b, device=device) < 0.5 if self.config.self_condition else None
-        loss, accuracy = engines["model"](tokens, masked, self._inputs(batch, drop), sc,
+        loss, accuracy = engines["model"](tokens, masked, self._inputs(batch, drop, True), sc,
                                           mode="loss")
         yield "model", loss, {"ce": loss.item(), "accuracy": accuracy.item(),
                               "masked": masked.float().mean().item()}
@@ -448,7 +452,7 @@ class CriticTask(MuseTask):
         tokens = self.train_tokens(batch["image"], batch.get("key"))
         b, n = tokens.shape
         masked = random_mask(b, n, self.config.schedule, tokens.device)
-        cond = self._inputs(batch)
+        cond = self._inputs(batch, training=True)
         with torch.no_grad():
             self.base.to(tokens.device)
             logits, _ = self.base(torch.where(masked, self.base.mask_id, tokens),
