@@ -173,7 +173,7 @@ class MuseGenerator:
         return Generated(images=images, tokens=tokens, steps=history)
 
     def _timed(self, fn, *args, **kwargs):
-        """Run a network call (text encoder, transformer), adding its time to
+        """Run a network call (text encoder, transformer, output head), adding its time to
         `transformer_seconds`: what decoding spends outside is the rest."""
         start = time.perf_counter()
         out = fn(*args, **kwargs)
@@ -183,14 +183,11 @@ class MuseGenerator:
     def _logits(self, inputs, ctx, ctx_mask, self_cond, where):
         """Logits at the positions `where` (long [R, k], R = rows of inputs; None: all):
         the output head runs only where tokens are still to be drawn."""
-        start = time.perf_counter()
-        _, hidden = self.model.transformer(inputs, ctx, ctx_mask, self_cond,
-                                           return_logits=False)
+        _, hidden = self._timed(self.model.transformer, inputs, ctx, ctx_mask, self_cond,
+                                return_logits=False)
         picked = hidden if where is None else hidden.gather(
             1, where[..., None].expand(-1, -1, hidden.shape[-1]))
-        logits = self.model.head(picked)
-        self.transformer_seconds += time.perf_counter() - start
-        return logits, hidden
+        return self._timed(self.model.head, picked), hidden
 
     def _decode(self, cond, negative, steps, schedule, temperature, remask_temperature,
                 top_k, top_p, cfg_scale, critic, remask_fixed, generator, return_steps):
@@ -203,8 +200,7 @@ class MuseGenerator:
                 u_ctx, u_mask = self._timed(model.condition, **{**cond, "text": negative[0],
                                                                 "text_mask": negative[1]})
             else:
-                u_ctx, u_mask = self._timed(model.condition, **cond,
-                                            drop=torch.ones(b, dtype=torch.bool))
+                u_ctx, u_mask = self._timed(model.condition, **cond, drop=True)
             length = max(ctx.shape[1], u_ctx.shape[1])
             ctx = torch.cat([_pad(ctx, length), _pad(u_ctx, length)])
             ctx_mask = torch.cat([_pad(ctx_mask, length), _pad(u_mask, length)])

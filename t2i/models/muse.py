@@ -143,12 +143,12 @@ class MaskGitTransformer(nn.Module, Pretrained):
 
     def condition(self, *, text=None, text_mask=None, class_ids=None, low_res=None,
                   drop: torch.Tensor | None = None):
-        """-> (context [B, L, C], context mask bool [B, L]). Rows where `drop` is True get
-        the null condition (the text or class is hidden; low-res tokens never are)."""
-        if drop is not None and bool(drop.all()):
-            # every row unconditional (the guidance branch): the null vector alone, without
-            # running the text encoder whose states would be hidden anyway
-            ctx, mask = self.null_condition(len(drop))
+        """-> (context [B, L, C], context mask bool [B, L]). Rows where `drop` (bool [B])
+        is True get the null condition (the text or class is hidden; low-res tokens never
+        are); drop=True: every row, as the null vector alone, without running the text
+        encoder whose states would be hidden anyway (guidance's unconditional branch)."""
+        if drop is True:
+            ctx, mask = self.null_condition(len(text if text is not None else class_ids))
             drop = None
         elif self.config.condition == "text":
             if text is None:
@@ -181,14 +181,10 @@ class MaskGitTransformer(nn.Module, Pretrained):
                          ctx[:, 1:]], 1)
         return ctx, torch.where(drop, first, mask)
 
-    def null_condition(self, batch: int, like: tuple | None = None):
-        """The unconditional context for `batch` rows (padded to `like`'s length)."""
-        c = self.config
-        n = like[0].shape[1] if like is not None else 1
-        ctx = self.null.expand(batch, n, c.text_dim).contiguous()
-        mask = torch.zeros(batch, n, dtype=torch.bool, device=ctx.device)
-        mask[:, 0] = True
-        return ctx, mask
+    def null_condition(self, batch: int):
+        """The unconditional context for `batch` rows: the null vector alone."""
+        ctx = self.null.expand(batch, 1, self.config.text_dim).contiguous()
+        return ctx, torch.ones(batch, 1, dtype=torch.bool, device=ctx.device)
 
     # ---------------------------------------------------------------- transformer
 
@@ -346,8 +342,8 @@ class MuseTask(Task):
         else:
             kwargs["class_ids"] = class_labels(batch).to(batch["image"].device)
         if self.low is not None:
-            kwargs["low_res"] = self.low_tokens(batch["image"], batch.get("key")) \
-                if training else self.low.tokens(batch["image"])
+            keys = batch.get("key") if training else None  # None: encoded, not cached
+            kwargs["low_res"] = self.low_tokens(batch["image"], keys)
         return kwargs
 
     def losses(self, engines, batch, step):
