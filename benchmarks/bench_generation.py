@@ -1,14 +1,15 @@
 """Muse / MaskGIT generation speed: images/s at batch 1 and 32 for 8, 12 and 24 steps.
 
 The model is muse_shapes.yaml's architecture (16 x 16 tokens of 256 codes run as 8 x 8
-positions, width 192, depth 4, text encoder depth 2) over vqgan16_shapes.yaml's VQGAN,
-randomly initialised: speed does not depend on the weights. Guidance is on (scale 3): each
-step is one transformer call on 2B rows. Figures per row: images/s; the share of the time
-spent outside the transformer and text-encoder calls (goal < 10%) and its two parts, the
-VQGAN decoder (once per image) and sampling + re-masking (every step, with the loop's
-bookkeeping); and the same decoding with the kernels' reference paths (full sorts and
-softmaxes: what a plain implementation does) in the same run. Correctness gate first:
-seeded decoding repeats itself and the torch path draws the reference path's tokens.
+positions, width 192, depth 4, 3 x 3 local mixing, text encoder depth 2) over
+vqgan16_shapes.yaml's VQGAN, randomly initialised: speed does not depend on the weights.
+Guidance is on (scale 3): each step is one transformer call on 2B rows. Figures per row:
+images/s; the share of the time spent outside the transformer and text-encoder calls (goal
+< 10%) and its two parts, the VQGAN decoder (once per image) and sampling + re-masking
+(every step, with the loop's bookkeeping); and the same decoding with the kernels'
+reference paths (full sorts and softmaxes: what a plain implementation does) in the same
+run. Correctness gate first: seeded decoding repeats itself and the torch path draws the
+reference path's tokens.
 """
 
 import os
@@ -32,7 +33,7 @@ def generator():
     tokenizer = ByteTokenizer(96)
     vqgan = VQGAN(VQGANConfig(channels=32, mults=(1, 2), num_codes=256, code_dim=32)).eval()
     model = MaskGitTransformer(MuseConfig(
-        num_codes=256, grid=16, patch=2, dim=192, depth=4, heads=6,
+        num_codes=256, grid=16, patch=2, local_kernel=3, dim=192, depth=4, heads=6,
         text_vocab=tokenizer.vocab_size, text_length=96, text_dim=192, text_depth=2)).eval()
     return MuseGenerator(model, vqgan, tokenizer)
 

@@ -57,6 +57,7 @@ class MuseConfig:
     heads: int = 8
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    local_kernel: int = 0  # > 0: a depthwise k x k convolution over the grid in each block
     condition: str = "text"  # "text" (cross-attention to a text encoder) or "class"
     num_classes: int = len(SHAPES)  # "class": labels 0..num_classes-1 (synthetic: shapes)
     text_vocab: int = 0  # caption vocabulary (0: the data tokenizer's)
@@ -111,6 +112,8 @@ class MaskGitTransformer(nn.Module, Pretrained):
             raise ValueError(f"model.condition: 'text' or 'class', got {c.condition!r}")
         if c.grid % c.patch:
             raise ValueError(f"model.patch {c.patch} does not divide the {c.grid} tokens a side")
+        if c.local_kernel < 0 or c.local_kernel % 2 == 0 and c.local_kernel:
+            raise ValueError(f"model.local_kernel: 0 (off) or an odd size, got {c.local_kernel}")
         self.mask_id = c.num_codes
         self.num_tokens = c.grid * c.grid
         self.token_embed = nn.Embedding(c.num_codes + 1, c.dim)
@@ -134,6 +137,10 @@ class MaskGitTransformer(nn.Module, Pretrained):
         self.blocks = nn.ModuleList(
             TransformerBlock(c.dim, c.heads, mlp_ratio=c.mlp_ratio, dropout=c.dropout,
                              context_dim=c.text_dim) for _ in range(c.depth))
+        self.local = None
+        if c.local_kernel:
+            self.local = nn.ModuleList(LocalMix(c.dim, c.local_kernel, c.grid // c.patch)
+                                       for _ in range(c.depth))
         self.norm = nn.LayerNorm(c.dim)
         self.head = nn.Linear(c.dim, 1 if c.critic else c.num_codes)
         if c.critic:
@@ -210,8 +217,10 @@ class MaskGitTransformer(nn.Module, Pretrained):
         if p > 1:
             x = self.merge(self._group(x))  # [B, N / p^2, dim]
         x = self.pos(x)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             x = block(x, context=context, context_mask=context_mask)
+            if self.local is not None:
+                x = x + self.local[i](x)
         hidden = self.norm(x)
         if p > 1:
             hidden = self._ungroup(self.split(hidden))  # [B, N, dim]
@@ -270,6 +279,25 @@ class MaskGitTransformer(nn.Module, Pretrained):
         """Critic: how original each token of a full map looks (higher: keep it) [B, N]."""
         logits, _ = self.transformer(tokens, *self.condition(**condition))
         return -logits[..., 0].float()
+
+
+class LocalMix(nn.Module):
+    """x [B, g*g, D] -> a depthwise k x k convolution of LN x over the g x g grid, mixed
+    across channels (zero-initialised: the block starts as the identity)."""
+
+    def __init__(self, dim: int, kernel: int, grid: int):
+        super().__init__()
+        self.grid = grid
+        self.norm = nn.LayerNorm(dim)
+        self.conv = nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim)
+        self.proj = nn.Linear(dim, dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        h = self.norm(x).transpose(1, 2).reshape(b, d, self.grid, self.grid)
+        return self.proj(F.gelu(self.conv(h)).flatten(2).transpose(1, 2))
 
 
 def random_mask(batch: int, n: int, schedule: str, device, generator=None) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 
 from t2i.data import ByteTokenizer
 from t2i.generate import MuseGenerator, masked_counts
-from t2i.models.muse import MaskGitTransformer, MuseConfig, mask_ratio, random_mask
+from t2i.models.muse import LocalMix, MaskGitTransformer, MuseConfig, mask_ratio, random_mask
 from t2i.models.vqgan import VQGAN, VQGANConfig
 
 TOKENIZER = ByteTokenizer(48)
@@ -30,7 +30,7 @@ def vqgan():
 
 
 def test_forward_and_backward_touch_every_parameter():
-    model = _model(self_condition=True).train()
+    model = _model(self_condition=True, local_kernel=3).train()
     ids, mask = TOKENIZER(["a red circle on the left", "a small blue ring at the top"])
     tokens = torch.randint(0, 16, (2, 16))
     masked = random_mask(2, 16, "cosine", "cpu")
@@ -43,6 +43,24 @@ def test_forward_and_backward_touch_every_parameter():
     assert untouched == []
     logits, hidden = model(tokens, *model.condition(text=ids, text_mask=mask))
     assert logits.shape == (2, 16, 16) and hidden.shape == (2, 16, 32)
+
+
+def test_local_mixing_starts_as_identity_and_reaches_only_its_neighbours():
+    model = _model(local_kernel=3, patch=2)  # 4 x 4 tokens -> 2 x 2 positions
+    x = torch.randn(1, 4, 32)
+    assert torch.equal(model.local[0](x), torch.zeros_like(x))  # zero-initialised: identity
+    torch.manual_seed(0)
+    mix = LocalMix(32, 3, 5)  # a 5 x 5 grid
+    torch.nn.init.normal_(mix.proj.weight)
+    x = torch.randn(1, 25, 32)
+    y = x.clone()
+    y[0, 0] += 1.0  # change the top-left position
+    changed = (mix(x) - mix(y)).abs().amax(-1)[0].view(5, 5) > 0
+    near = torch.zeros(5, 5, dtype=torch.bool)
+    near[:2, :2] = True  # a 3 x 3 kernel reaches one position each way
+    assert torch.equal(changed, near)
+    with pytest.raises(ValueError, match="odd"):
+        _model(local_kernel=2)
 
 
 def test_all_dropped_condition_skips_the_text_but_attends_the_same():
