@@ -45,9 +45,11 @@ def masked_counts(n: int, steps: int, schedule: str) -> list[int]:
     return out
 
 
-def _gumbel(shape, generator, device) -> torch.Tensor:
+def _minus_gumbel(shape, generator, device) -> torch.Tensor:
+    """log(-log u), u uniform on the CPU generator: minus a standard Gumbel sample, in
+    place (torch's exponential_ is 2x slower than these three passes at 8k draws)."""
     u = torch.rand(shape, generator=generator).clamp_(1e-20, 1 - 1e-7)
-    return (-torch.log(-torch.log(u))).to(device)
+    return u.log_().neg_().log_().to(device)
 
 
 class MuseGenerator:
@@ -228,13 +230,14 @@ class MuseGenerator:
                 cond_logits=cond_logits.reshape(b * k, v) if guided else None,
                 cfg_scale=cfg_scale, noise=noise, return_probs=True)
             drawn, probs = drawn.view(b, k), probs.view(b, k)
+            log_probs = probs.clamp_min_(1e-30).log_()
             if where is None:
                 sampled = torch.where(known, tokens, drawn)
-                confidence = probs.clamp_min(1e-30).log()
-            else:
+                confidence = log_probs
+            else:  # known tokens at +inf: never masked again
                 sampled = tokens.scatter(1, where, drawn)
-                confidence = torch.full((b, n), math.inf, device=device).scatter(
-                    1, where, probs.clamp_min(1e-30).log())
+                confidence = torch.full((b, n), math.inf, device=device).scatter_(
+                    1, where, log_probs)
             if critic == "self":
                 # the model's probability of each token given the completed map
                 full = torch.cat([sampled, sampled]) if guided else sampled
@@ -249,10 +252,11 @@ class MuseGenerator:
                 fixed = torch.log_softmax(mixed.float(), -1).gather(
                     -1, sampled[..., None])[..., 0]
                 confidence = torch.where(known, fixed, confidence)
-            if remask_temperature > 0:
+            if remask_temperature > 0:  # + scale * Gumbel noise
                 scale = remask_temperature * (1 - (t + 1) / steps)
-                confidence = confidence + scale * _gumbel((b, n), generator, device)
-            if not remask_fixed:
+                confidence = confidence.sub_(_minus_gumbel((b, n), generator, device),
+                                             alpha=scale)
+            if not remask_fixed and critic is not None:
                 confidence = confidence.masked_fill(known, math.inf)
             remask = lowest_k_mask(confidence.float(), n_masked)
             tokens = torch.where(remask, model.mask_id, sampled)
