@@ -3,7 +3,8 @@ masked image tokens, conditioned on text (or a class), decoded in a few parallel
 
     caption ids [B, T] -> TextEncoder -> context [B, T, C]            (or class -> [B, 1, C])
     image -> frozen VQGAN -> tokens [B, N]; some replaced by [MASK] (id = num_codes)
-    tokens -> embed + positions -> blocks (self-attn, cross-attn to context, MLP)
+    tokens -> embed + positions -> blocks (self-attn, cross-attn to context, MLP,
+              optionally a depthwise convolution over the position grid: `local_kernel`)
            -> logits over the codebook [B, N, num_codes]
 
 Training masks a share of the tokens drawn from the schedule (cosine by default) and
@@ -112,7 +113,7 @@ class MaskGitTransformer(nn.Module, Pretrained):
             raise ValueError(f"model.condition: 'text' or 'class', got {c.condition!r}")
         if c.grid % c.patch:
             raise ValueError(f"model.patch {c.patch} does not divide the {c.grid} tokens a side")
-        if c.local_kernel < 0 or c.local_kernel % 2 == 0 and c.local_kernel:
+        if c.local_kernel < 0 or (c.local_kernel and c.local_kernel % 2 == 0):
             raise ValueError(f"model.local_kernel: 0 (off) or an odd size, got {c.local_kernel}")
         self.mask_id = c.num_codes
         self.num_tokens = c.grid * c.grid
