@@ -69,6 +69,7 @@ class MuseConfig:
     self_condition: bool = False  # feed back the previous pass's hidden states
     schedule: str = "cosine"  # training mask-ratio schedule (decoding picks its own)
     label_smoothing: float = 0.1
+    coverage_weight: float = 0.0  # > 0: also predict each masked token's object coverage
     low_res_tokenizer: str = ""  # super-resolution: the low-res stage's VQGAN run ("": base)
     low_res_size: int = 32  # super-resolution: the low-res stage's image side
     low_res_codes: int = 0  # its codebook size (0: from low_res_tokenizer)
@@ -144,6 +145,8 @@ class MaskGitTransformer(nn.Module, Pretrained):
                                        for _ in range(c.depth))
         self.norm = nn.LayerNorm(c.dim)
         self.head = nn.Linear(c.dim, 1 if c.critic else c.num_codes)
+        if c.coverage_weight:  # a training aid: generation never calls it
+            self.coverage = nn.Linear(c.dim, 1)
         if c.critic:
             self.kind = "critic"
 
@@ -241,10 +244,14 @@ class MaskGitTransformer(nn.Module, Pretrained):
         return x.reshape(b, g * g, pd // (p * p))
 
     def loss(self, tokens: torch.Tensor, masked: torch.Tensor, context, context_mask,
-             self_cond_rows: torch.Tensor | None = None):
+             self_cond_rows: torch.Tensor | None = None, coverage: torch.Tensor | None = None):
         """Cross-entropy on the masked positions. tokens long [B, N] (the truth), masked
         bool [B, N]. `self_cond_rows` bool [B]: rows that first run once without gradient
-        and see that pass's hidden states. -> (loss, accuracy on masked tokens)."""
+        and see that pass's hidden states. `coverage` float [B, N]: the fraction of each
+        token's pixels that show an object (`object_coverage`), which a second head learns
+        to predict with `config.coverage_weight` (binary cross-entropy on the masked tokens:
+        the objects' outline below token size, whatever their colour and background).
+        -> (loss, accuracy on masked tokens)."""
         inputs = torch.where(masked, self.mask_id, tokens)
         self_cond = None
         if self.config.self_condition and self_cond_rows is not None:
@@ -256,15 +263,20 @@ class MaskGitTransformer(nn.Module, Pretrained):
         targets = torch.where(masked, tokens, -100)
         loss = linear_cross_entropy(hidden, self.head.weight, targets, bias=self.head.bias,
                                     label_smoothing=self.config.label_smoothing)
+        if coverage is not None and self.config.coverage_weight:
+            predicted = self.coverage(hidden[masked])[:, 0].float()
+            loss = loss + self.config.coverage_weight * F.binary_cross_entropy_with_logits(
+                predicted, coverage[masked].float())
         with torch.no_grad():
             picked = hidden[masked]
             accuracy = ((picked @ self.head.weight.T + self.head.bias).argmax(-1)
                         == tokens[masked]).float().mean()
         return loss, accuracy
 
-    def training_loss(self, tokens, masked, condition: dict, self_cond_rows=None):
+    def training_loss(self, tokens, masked, condition: dict, self_cond_rows=None,
+                      coverage=None):
         """The condition (with its dropped rows) and `loss`, in one call."""
-        return self.loss(tokens, masked, *self.condition(**condition), self_cond_rows)
+        return self.loss(tokens, masked, *self.condition(**condition), self_cond_rows, coverage)
 
     def critic_loss(self, tokens, sampled: torch.Tensor, condition: dict):
         """Critic: binary cross-entropy of "this token was sampled, not the original" over
@@ -307,6 +319,16 @@ def random_mask(batch: int, n: int, schedule: str, device, generator=None) -> to
     r = torch.rand(batch, generator=generator, device=device)
     k = (mask_ratio(r, schedule) * n).ceil().long().clamp(1, n).to(device)
     return lowest_k_mask(torch.rand(batch, n, generator=generator, device=device), k)
+
+
+def object_coverage(seg: torch.Tensor | None, grid: int) -> torch.Tensor:
+    """Segmentation maps long [B, H, W] (0: background, -1: no map) -> float [B, grid^2]:
+    the fraction of each token's image patch that shows an object."""
+    if seg is None or bool((seg < 0).any()):
+        raise ValueError("model.coverage_weight needs the segmentation maps of every "
+                         "training image (seg.png in the shards); this data set has none")
+    f = seg.shape[-1] // grid
+    return F.avg_pool2d((seg > 0).float()[:, None], f).flatten(1)
 
 
 def class_labels(batch: dict) -> torch.Tensor:
@@ -382,8 +404,11 @@ class MuseTask(Task):
         masked = random_mask(b, n, self.config.schedule, device)
         drop = torch.rand(b, device=device) < self.config.cond_dropout
         sc = torch.rand(b, device=device) < 0.5 if self.config.self_condition else None
+        coverage = None
+        if self.config.coverage_weight:
+            coverage = object_coverage(batch.get("seg"), self.config.grid).to(device)
         loss, accuracy = engines["model"](tokens, masked, self._inputs(batch, drop, True), sc,
-                                          mode="loss")
+                                          coverage, mode="loss")
         yield "model", loss, {"ce": loss.item(), "accuracy": accuracy.item(),
                               "masked": masked.float().mean().item()}
 
@@ -404,9 +429,11 @@ class MuseTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model, batches):
-        """Masked-token accuracy and loss at a fixed set of masks (seeded), conditional."""
+        """Masked-token accuracy and loss at a fixed set of masks (seeded), conditional;
+        with segmentation maps also the accuracy on the masked tokens that show an object
+        (a small part of each image, and the part the captions are about)."""
         g = torch.Generator().manual_seed(0)
-        losses, accs = [], []
+        losses, accs, hits, counts = [], [], 0, 0
         for batch in batches:
             tokens = self._tokens(batch["image"])
             masked = random_mask(*tokens.shape, self.config.schedule, "cpu", g).to(tokens.device)
@@ -414,7 +441,16 @@ class MuseTask(Task):
             loss, acc = model.loss(tokens, masked, *ctx)
             losses.append(float(loss))
             accs.append(float(acc))
-        return {"val_ce": sum(losses) / len(losses), "val_accuracy": sum(accs) / len(accs)}
+            seg = batch.get("seg")
+            if seg is not None and not bool((seg < 0).any()):
+                on = masked & (object_coverage(seg, self.config.grid) > 0).to(masked.device)
+                logits, _ = model.transformer(torch.where(masked, model.mask_id, tokens), *ctx)
+                hits += int((logits.argmax(-1) == tokens)[on].sum())
+                counts += int(on.sum())
+        out = {"val_ce": sum(losses) / len(losses), "val_accuracy": sum(accs) / len(accs)}
+        if counts:
+            out["val_object_accuracy"] = hits / counts
+        return out
 
     def export(self, path: str) -> None:
         save_pretrained(self.vqgan, os.path.join(path, "vqgan"), family="vqgan",

@@ -9,7 +9,14 @@ import torch
 
 from t2i.data import ByteTokenizer
 from t2i.generate import MuseGenerator, masked_counts
-from t2i.models.muse import LocalMix, MaskGitTransformer, MuseConfig, mask_ratio, random_mask
+from t2i.models.muse import (
+    LocalMix,
+    MaskGitTransformer,
+    MuseConfig,
+    mask_ratio,
+    object_coverage,
+    random_mask,
+)
 from t2i.models.vqgan import VQGAN, VQGANConfig
 
 TOKENIZER = ByteTokenizer(48)
@@ -61,6 +68,38 @@ def test_local_mixing_starts_as_identity_and_reaches_only_its_neighbours():
     assert torch.equal(changed, near)
     with pytest.raises(ValueError, match="odd"):
         _model(local_kernel=2)
+
+
+def test_object_coverage_is_the_object_fraction_of_each_token():
+    seg = torch.zeros(2, 8, 8, dtype=torch.long)
+    seg[0, 5, 2] = 3  # one pixel: in the 4 x 4 token grid (2 px a token) that is token (2, 1)
+    seg[1, 0:2, 6:8] = 1  # exactly token (0, 3)
+    want = torch.zeros(2, 4, 4)
+    want[0, 2, 1], want[1, 0, 3] = 0.25, 1.0
+    assert torch.equal(object_coverage(seg, 4), want.flatten(1))
+    seg[1] = -1  # an image without a segmentation map
+    with pytest.raises(ValueError, match="segmentation"):
+        object_coverage(seg, 4)
+    with pytest.raises(ValueError, match="segmentation"):
+        object_coverage(None, 4)
+
+
+def test_coverage_head_adds_its_weighted_loss_on_the_masked_tokens():
+    model = _model(coverage_weight=0.5).train()
+    ids, mask = TOKENIZER(["a red circle on the left", "a small blue ring at the top"])
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 16, (2, 16), generator=g)
+    masked = torch.rand(2, 16, generator=g) < 0.6
+    coverage = torch.rand(2, 16, generator=g)
+    ctx = model.condition(text=ids, text_mask=mask)
+    loss, _ = model.loss(tokens, masked, *ctx, coverage=coverage)
+    plain, _ = model.loss(tokens, masked, *ctx)  # no coverage given: the token loss alone
+    _, hidden = model.transformer(torch.where(masked, model.mask_id, tokens), *ctx)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(
+        model.coverage(hidden[masked])[:, 0], coverage[masked])
+    torch.testing.assert_close(loss, plain + 0.5 * bce, rtol=1e-4, atol=1e-5)
+    loss.backward()
+    assert model.coverage.weight.grad.abs().sum() > 0
 
 
 def test_all_dropped_condition_skips_the_text_but_attends_the_same():
