@@ -187,8 +187,11 @@ class MuseGenerator:
         the output head runs only where tokens are still to be drawn."""
         _, hidden = self._timed(self.model.transformer, inputs, ctx, ctx_mask, self_cond,
                                 return_logits=False)
-        picked = hidden if where is None else hidden.gather(
-            1, where[..., None].expand(-1, -1, hidden.shape[-1]))
+        picked = hidden
+        if where is not None:  # rows of the flattened [R * N, dim]: 5x a broadcast gather
+            r, n, d = hidden.shape
+            flat = where + torch.arange(r, device=where.device)[:, None] * n
+            picked = hidden.reshape(r * n, d).index_select(0, flat.flatten()).view(r, -1, d)
         return self._timed(self.model.head, picked), hidden
 
     def _decode(self, cond, negative, steps, schedule, temperature, remask_temperature,
