@@ -143,6 +143,19 @@ def test_generation_starts_all_masked_and_ends_with_none(vqgan):
         assert torch.equal(before[fixed], after[fixed])
 
 
+def test_the_head_runs_on_exactly_the_positions_asked_for(vqgan):
+    model = _model()
+    gen = MuseGenerator(model, vqgan, TOKENIZER)
+    ids, mask = TOKENIZER(["a red circle", "a small blue ring"])
+    ctx = model.condition(text=ids, text_mask=mask)
+    tokens = torch.randint(0, 17, (2, 16), generator=torch.Generator().manual_seed(4))
+    where = torch.tensor([[0, 3, 7, 15], [1, 2, 8, 9]])  # different positions per row
+    with torch.no_grad():
+        picked, _ = gen._logits(tokens, *ctx, None, where)
+        full, _ = model.transformer(tokens, *ctx)
+    torch.testing.assert_close(picked, full[torch.arange(2)[:, None], where])
+
+
 def test_seeded_generation_is_reproducible_and_seeds_differ(vqgan):
     gen = MuseGenerator(_model(), vqgan, TOKENIZER)
     a = gen(["a red circle"] * 3, steps=4, cfg_scale=2.0, seed=1)
