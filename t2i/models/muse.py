@@ -244,14 +244,16 @@ class MaskGitTransformer(nn.Module, Pretrained):
         return x.reshape(b, g * g, pd // (p * p))
 
     def loss(self, tokens: torch.Tensor, masked: torch.Tensor, context, context_mask,
-             self_cond_rows: torch.Tensor | None = None, coverage: torch.Tensor | None = None):
+             self_cond_rows: torch.Tensor | None = None, coverage: torch.Tensor | None = None,
+             return_correct: bool = False):
         """Cross-entropy on the masked positions. tokens long [B, N] (the truth), masked
         bool [B, N]. `self_cond_rows` bool [B]: rows that first run once without gradient
         and see that pass's hidden states. `coverage` float [B, N]: the fraction of each
         token's pixels that show an object (`object_coverage`), which a second head learns
         to predict with `config.coverage_weight` (binary cross-entropy on the masked tokens:
         the objects' outline below token size, whatever their colour and background).
-        -> (loss, accuracy on masked tokens)."""
+        -> (loss, accuracy on masked tokens), and with `return_correct` the bool [B, N] map
+        of the masked tokens the argmax gets right."""
         inputs = torch.where(masked, self.mask_id, tokens)
         self_cond = None
         if self.config.self_condition and self_cond_rows is not None:
@@ -263,14 +265,16 @@ class MaskGitTransformer(nn.Module, Pretrained):
         targets = torch.where(masked, tokens, -100)
         loss = linear_cross_entropy(hidden, self.head.weight, targets, bias=self.head.bias,
                                     label_smoothing=self.config.label_smoothing)
+        picked = hidden[masked]
         if coverage is not None and self.config.coverage_weight:
-            predicted = self.coverage(hidden[masked])[:, 0].float()
+            predicted = self.coverage(picked)[:, 0].float()
             loss = loss + self.config.coverage_weight * F.binary_cross_entropy_with_logits(
                 predicted, coverage[masked].float())
         with torch.no_grad():
-            picked = hidden[masked]
-            accuracy = ((picked @ self.head.weight.T + self.head.bias).argmax(-1)
-                        == tokens[masked]).float().mean()
+            hits = (picked @ self.head.weight.T + self.head.bias).argmax(-1) == tokens[masked]
+            accuracy = hits.float().mean()
+        if return_correct:
+            return loss, accuracy, torch.zeros_like(masked).masked_scatter_(masked, hits)
         return loss, accuracy
 
     def training_loss(self, tokens, masked, condition: dict, self_cond_rows=None,
@@ -438,14 +442,13 @@ class MuseTask(Task):
             tokens = self._tokens(batch["image"])
             masked = random_mask(*tokens.shape, self.config.schedule, "cpu", g).to(tokens.device)
             ctx = model.condition(**self._inputs(batch))
-            loss, acc = model.loss(tokens, masked, *ctx)
+            loss, acc, correct = model.loss(tokens, masked, *ctx, return_correct=True)
             losses.append(float(loss))
             accs.append(float(acc))
             seg = batch.get("seg")
             if seg is not None and not bool((seg < 0).any()):
                 on = masked & (object_coverage(seg, self.config.grid) > 0).to(masked.device)
-                logits, _ = model.transformer(torch.where(masked, model.mask_id, tokens), *ctx)
-                hits += int((logits.argmax(-1) == tokens)[on].sum())
+                hits += int(correct[on].sum())
                 counts += int(on.sum())
         out = {"val_ce": sum(losses) / len(losses), "val_accuracy": sum(accs) / len(accs)}
         if counts:
