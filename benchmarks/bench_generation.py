@@ -80,3 +80,41 @@ def bench_generation(benchmark, record, generator, batch, steps):
            vqgan_decoder=round(decoding, 3), sampling_and_remasking=round(outside - decoding, 3),
            reference_images_per_s=round(batch / t_ref, 2), vs_reference=round(t_ours / t_ref, 3),
            peak_MiB=mib(peak_extra_bytes(ours)))
+
+
+@pytest.fixture(scope="module")
+def generator_cuda(generator):
+    gen = MuseGenerator(generator.model.cuda(), generator.vqgan.cuda(), generator.tokenizer)
+    gen.synchronize = True  # the shares below are the GPU's time, not the launches'
+    yield gen
+    generator.model.cpu(), generator.vqgan.cpu()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("steps", [8, 12, 24])
+@pytest.mark.parametrize("batch", [1, 32])
+def bench_generation_cuda(benchmark, record, generator_cuda, batch, steps):
+    """The same decoding on a GPU: the Triton kernels (sampling, re-masking, attention)
+    against the reference paths; noise drawn on the GPU."""
+    gen = generator_cuda
+    benchmark.group = "generation: Muse base, 32 px, CFG 3, CUDA (images/s)"
+    ours = _with_backend("triton", lambda: _run(gen, batch, steps))
+    ref = _with_backend("reference", lambda: _run(gen, batch, steps))
+    first = ours()
+    assert torch.equal(first.tokens, ours().tokens)  # gate: seeded decoding repeats itself
+    gen.synchronize = False  # throughput with the launch queue free
+    t_ours, t_ref = interleaved_medians(ours, ref, rounds=5, device="cuda")
+    benchmark.pedantic(lambda: (ours(), torch.cuda.synchronize()), rounds=5, iterations=1)
+    gen.synchronize = True
+    gen.transformer_seconds = gen.decode_seconds = 0.0
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    ours()
+    torch.cuda.synchronize()
+    total = time.perf_counter() - start
+    outside = 1 - gen.transformer_seconds / total
+    decoding = gen.decode_seconds / total
+    record(images_per_s=round(batch / t_ours, 2), outside_transformer=round(outside, 3),
+           vqgan_decoder=round(decoding, 3), sampling_and_remasking=round(outside - decoding, 3),
+           reference_images_per_s=round(batch / t_ref, 2), vs_reference=round(t_ours / t_ref, 3),
+           peak_MiB=mib(peak_extra_bytes(ours, "cuda")))

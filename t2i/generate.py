@@ -46,9 +46,9 @@ def masked_counts(n: int, steps: int, schedule: str) -> list[int]:
 
 
 def _minus_gumbel(shape, generator, device) -> torch.Tensor:
-    """log(-log u), u uniform on the CPU generator: minus a standard Gumbel sample, in
-    place (torch's exponential_ is 2x slower than these three passes at 8k draws)."""
-    u = torch.rand(shape, generator=generator).clamp_(1e-20, 1 - 1e-7)
+    """log(-log u), u uniform from the generator (on its device): minus a standard Gumbel
+    sample, in place (torch's exponential_ is 2x slower than these three passes at 8k draws)."""
+    u = torch.rand(shape, generator=generator, device=generator.device).clamp_(1e-20, 1 - 1e-7)
     return u.log_().neg_().log_().to(device)
 
 
@@ -62,6 +62,9 @@ class MuseGenerator:
         self.low, self.base, self.critic = low, base, critic
         self.transformer_seconds = 0.0  # time inside transformer calls (benchmarks read it)
         self.decode_seconds = 0.0  # time in the VQGAN decoder (tokens -> pixels)
+        # True: synchronise CUDA around the timed calls so that the two figures above hold
+        # the GPU's time, not the launches' (benchmarks; it stalls the launch queue)
+        self.synchronize = False
 
     @property
     def device(self):
@@ -105,7 +108,8 @@ class MuseGenerator:
         step), "critic" (the token critic this generator was loaded with) or a critic
         model (MaskGitTransformer with config.critic). remask_fixed: tokens fixed in
         earlier steps may be masked again. seed / generator: reproducible draws on any
-        kernel backend."""
+        kernel backend, on the same kind of device (a seed draws its noise on the model's
+        device: CPU and CUDA runs of one seed differ)."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         if schedule not in SCHEDULES:
@@ -129,7 +133,7 @@ class MuseGenerator:
         if negative_texts is not None and len(negative_texts) != rows:
             raise ValueError(f"{len(negative_texts)} negative texts for {rows} prompts")
         if generator is None:
-            generator = torch.Generator().manual_seed(0 if seed is None else seed)
+            generator = torch.Generator(self.device).manual_seed(0 if seed is None else seed)
         if self.low is not None and low_res_tokens is None:
             if low_res_images is not None:
                 low_res_tokens = self.low.tokens(low_res_images.to(self.device))
@@ -165,9 +169,9 @@ class MuseGenerator:
         tokens = torch.cat([o[0] for o in outs])
         grid = c.grid
         tokens = tokens.view(-1, grid, grid)
-        start = time.perf_counter()
+        start = self._clock()
         images = self.vqgan.decode(tokens).clamp(-1, 1)
-        self.decode_seconds += time.perf_counter() - start
+        self.decode_seconds += self._clock() - start
         history = None
         if return_steps:
             history = [torch.cat([o[1][t] for o in outs]).view(-1, grid, grid)
@@ -177,10 +181,15 @@ class MuseGenerator:
     def _timed(self, fn, *args, **kwargs):
         """Run a network call (text encoder, transformer, output head), adding its time to
         `transformer_seconds`: what decoding spends outside is the rest."""
-        start = time.perf_counter()
+        start = self._clock()
         out = fn(*args, **kwargs)
-        self.transformer_seconds += time.perf_counter() - start
+        self.transformer_seconds += self._clock() - start
         return out
+
+    def _clock(self) -> float:
+        if self.synchronize and self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     def _logits(self, inputs, ctx, ctx_mask, self_cond, where):
         """Logits at the positions `where` (long [R, k], R = rows of inputs; None: all):
@@ -227,7 +236,7 @@ class MuseGenerator:
             k = logits.shape[1]
             temp = temperature if not isinstance(temperature, (tuple, list)) else \
                 temperature[0] + (temperature[1] - temperature[0]) * t / max(1, steps - 1)
-            noise = torch.rand(b * k, v, generator=generator).to(device)
+            noise = torch.rand(b * k, v, generator=generator, device=generator.device).to(device)
             drawn, probs = sample_logits(
                 logits.reshape(b * k, v), temperature=temp, top_k=top_k, top_p=top_p,
                 cond_logits=cond_logits.reshape(b * k, v) if guided else None,
