@@ -141,6 +141,7 @@ def _attention_bwd_dkdv_kernel(
     prefix_ptr, kpm_ptr, mask_ptr, seed_ptr,
     H, Lq, Lk, D,
     sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sdo_b, sdo_h, sdo_l,
+    sdk_b, sdk_h, sdk_l, sdv_b, sdv_h, sdv_l,
     skpm_b, sm_b, sm_h, sm_q,
     scale, dropout_p, has_kpm, has_mask, is_prefix,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
@@ -198,9 +199,9 @@ def _attention_bwd_dkdv_kernel(
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(b_q.dtype)), b_q)
     dk = dk * scale
-    p_out = i_b * sk_b + i_h * sk_h + o_n[:, None] * sk_l + o_d[None, :]
+    p_out = i_b * sdk_b + i_h * sdk_h + o_n[:, None] * sdk_l + o_d[None, :]
     tl.store(dk_ptr + p_out, dk.to(dk_ptr.dtype.element_ty), mask=m_n[:, None] & m_d[None, :])
-    p_out = i_b * sv_b + i_h * sv_h + o_n[:, None] * sv_l + o_d[None, :]
+    p_out = i_b * sdv_b + i_h * sdv_h + o_n[:, None] * sdv_l + o_d[None, :]
     tl.store(dv_ptr + p_out, dv.to(dv_ptr.dtype.element_ty), mask=m_n[:, None] & m_d[None, :])
 
 
@@ -210,6 +211,7 @@ def _attention_bwd_dq_kernel(
     prefix_ptr, klen_ptr, kpm_ptr, mask_ptr, seed_ptr,
     H, Lq, Lk, D,
     sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sdo_b, sdo_h, sdo_l,
+    sdq_b, sdq_h, sdq_l,
     skpm_b, sm_b, sm_h, sm_q,
     scale, dropout_p, has_kpm, has_mask, is_prefix,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
@@ -251,7 +253,8 @@ def _attention_bwd_dq_kernel(
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(b_k.dtype), b_k)
-    tl.store(dq_ptr + p_row, (dq * scale).to(dq_ptr.dtype.element_ty),
+    p_out = i_b * sdq_b + i_h * sdq_h + o_m[:, None] * sdq_l + o_d[None, :]
+    tl.store(dq_ptr + p_out, (dq * scale).to(dq_ptr.dtype.element_ty),
              mask=m_m[:, None] & m_d[None, :])
 
 
@@ -357,7 +360,9 @@ def attention_fwd(q, k, v, masks: _Masks, scale: float):
 
 
 def attention_bwd(do, q, k, v, out, lse, masks: _Masks, scale: float):
-    """Triton backward -> (dq, dk, dv), each like its input."""
+    """Triton backward -> (dq, dk, dv), each shaped like its input. Their strides are their
+    own: empty_like gives a view of a fused projection (k and v as slices of one [B, L, 2,
+    H, D] buffer, say) a dense layout with other strides than the view's."""
     b, h, lq, d = q.shape
     lk = k.shape[2]
     do = do if do.stride(-1) == 1 else do.contiguous()
@@ -366,16 +371,16 @@ def attention_bwd(do, q, k, v, out, lse, masks: _Masks, scale: float):
     if b * h == 0 or lq == 0 or lk == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     dropout = masks.dropout_p > 0
-    common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-              *masks.strides(), scale, *masks.switches())
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
+    rest = (*masks.strides(), scale, *masks.switches())
     cfg = _config("dkdv", lq, d, q.dtype, dropout)
     launch(_attention_bwd_dkdv_kernel, (triton.cdiv(lk, cfg["BLOCK_N"]), b * h),
            q, k, v, do, lse, delta, dk, dv, masks.prefix, masks.kpm, masks.mask, masks.seed,
-           h, lq, lk, d, *common, **cfg)
+           h, lq, lk, d, *strides, *dk.stride()[:3], *dv.stride()[:3], *rest, **cfg)
     cfg = _config("dq", lq, d, q.dtype, dropout)
     launch(_attention_bwd_dq_kernel, (triton.cdiv(lq, cfg["BLOCK_M"]), b * h),
            q, k, v, do, lse, delta, dq, masks.prefix, masks.klen, masks.kpm, masks.mask,
-           masks.seed, h, lq, lk, d, *common, **cfg)
+           masks.seed, h, lq, lk, d, *strides, *dq.stride()[:3], *rest, **cfg)
     return dq, dk, dv
 
 

@@ -111,6 +111,33 @@ def test_triton_fully_masked_rows_give_zeros_and_zero_gradients():
 
 
 @pytest.mark.interpreter
+def test_triton_gradients_of_views_into_fused_projections():
+    """q, k and v as head views of fused projections (the layout attention modules make):
+    not dense, so the gradients get other strides than their inputs and the kernels must
+    write through the gradients' own (a store with k's strides ran past dk's end)."""
+    b, lq, lk, h, d = 2, 16, 30, 4, 8
+    g = torch.Generator().manual_seed(3)
+    q_buf = torch.randn(b, lq, 3, h, d, generator=g).requires_grad_()
+    kv_buf = torch.randn(b, lk, 2, h, d, generator=g).requires_grad_()
+    kpm = torch.rand(b, lk, generator=g) > 0.3
+    grad = torch.randn(b, h, lq, d, generator=g)
+
+    def run(fn):
+        q_buf.grad = kv_buf.grad = None
+        q = q_buf[:, :, 1].transpose(1, 2)
+        k, v = kv_buf[:, :, 0].transpose(1, 2), kv_buf[:, :, 1].transpose(1, 2)
+        assert not k.is_contiguous() and torch.empty_like(k).stride() != k.stride()
+        fn(q, k, v).backward(grad)
+        return q_buf.grad.clone(), kv_buf.grad.clone()
+
+    got = run(lambda q, k, v: MaskedAttentionFunction.apply(
+        q, k, v, _Masks(q, k, None, kpm, None, 0.0), d ** -0.5))
+    want = run(lambda q, k, v: masked_attention_reference(q, k, v, key_padding_mask=kpm))
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("kind", ["none", "prefix+padding"])
 def test_triton_dropout_matches_reference_with_the_same_keep_mask(kind):
     b, h, lq, lk, d, p = 2, 2, 40, 40, 16, 0.3

@@ -118,8 +118,9 @@ def test_vq_gradients_match_the_reference():
 
 # Errors against fp64 may be at most twice those of the reference run in the same dtype
 # (FlashAttention's criterion), or under a floor: fp32 dots run as tf32 on tensor cores,
-# whereas torch's fp32 reference is fp32-exact.
-ATT_FLOOR = {torch.float32: 3e-3, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# whereas torch's fp32 reference is fp32-exact (seen on an H100: dq of one query row over
+# 777 keys 3.2e-3, through two tf32 products and the cancellation in dS = P (dP - delta)).
+ATT_FLOOR = {torch.float32: 5e-3, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 ATT_KINDS = ["none", "causal", "prefix+padding", "causal+padding+mask", "prefix+mask"]
 ATT_SHAPES = [(4, 8, 1024, 1024, 64), (2, 4, 333, 333, 40), (2, 4, 1, 777, 64),
               (2, 2, 256, 512, 128), (8, 8, 257, 257, 32)]
@@ -282,8 +283,8 @@ def test_linear_cross_entropy_matches_fp64(n, c, v, eps, bias, dtype):
     targets[::5] = -100
 
     def run(fn, dt):
-        leaves = [hidden.to(dt).requires_grad_(), weight.to(dt).requires_grad_()]
-        lb = b.to(dt).requires_grad_() if b is not None else None
+        leaves = [t.detach().clone().to(dt).requires_grad_() for t in (hidden, weight)]
+        lb = b.detach().clone().to(dt).requires_grad_() if b is not None else None
         loss = fn(leaves[0], leaves[1], lb)
         (loss * 1.5).backward()
         return [loss.detach()] + [t.grad for t in leaves] + ([lb.grad] if lb is not None else [])
