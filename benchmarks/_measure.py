@@ -17,7 +17,8 @@ except (OSError, AttributeError):  # another libc: peaks served from freed memor
     _malloc_trim = None
 
 
-def _sync(device) -> None:
+def sync(device) -> None:
+    """Wait for the device's queued work (CUDA); nothing to wait for on the CPU."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
@@ -26,12 +27,12 @@ def median_time(fn, *, rounds: int = 5, warmup: int = 1, device="cpu") -> float:
     """Median wall time of fn() in seconds."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -45,10 +46,10 @@ def interleaved_medians(*fns, rounds: int = 7, warmup: int = 1, device="cpu") ->
     times = [[] for _ in fns]
     for _ in range(rounds):
         for fn, ts in zip(fns, times, strict=True):
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             ts.append(time.perf_counter() - start)
     return [statistics.median(ts) for ts in times]
 
