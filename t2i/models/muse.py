@@ -325,10 +325,15 @@ def random_mask(batch: int, n: int, schedule: str, device, generator=None) -> to
     return lowest_k_mask(torch.rand(batch, n, generator=generator, device=device), k)
 
 
+def has_segmentation(seg: torch.Tensor | None) -> bool:
+    """Whether a batch's segmentation maps exist for every image (-1 marks a missing one)."""
+    return seg is not None and not bool((seg < 0).any())
+
+
 def object_coverage(seg: torch.Tensor | None, grid: int) -> torch.Tensor:
     """Segmentation maps long [B, H, W] (0: background, -1: no map) -> float [B, grid^2]:
     the fraction of each token's image patch that shows an object."""
-    if seg is None or bool((seg < 0).any()):
+    if not has_segmentation(seg):
         raise ValueError("model.coverage_weight needs the segmentation maps of every "
                          "training image (seg.png in the shards); this data set has none")
     f = seg.shape[-1] // grid
@@ -446,7 +451,7 @@ class MuseTask(Task):
             losses.append(float(loss))
             accs.append(float(acc))
             seg = batch.get("seg")
-            if seg is not None and not bool((seg < 0).any()):
+            if has_segmentation(seg):
                 on = masked & (object_coverage(seg, self.config.grid) > 0).to(masked.device)
                 hits += int(correct[on].sum())
                 counts += int(on.sum())

@@ -34,6 +34,7 @@ from t2i_kernels.sampling import (
     sample_logits_reference,
 )
 from t2i_kernels.vq import VQLookupFunction, vq_lookup_fwd, vq_lookup_reference
+from tests.kernels.test_attention import _masks as attention_masks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or interpreting(),
                                 reason="needs a CUDA GPU and TRITON_INTERPRET=0")
@@ -126,23 +127,10 @@ ATT_SHAPES = [(4, 8, 1024, 1024, 64), (2, 4, 333, 333, 40), (2, 4, 1, 777, 64),
               (2, 2, 256, 512, 128), (8, 8, 257, 257, 32)]
 
 
-def _masks(kind, b, lq, lk, seed):
-    g = _gen(seed)
-    out = {}
-    if "causal" in kind:
-        out["causal"] = True
-    if "prefix" in kind:
-        out["prefix_len"] = torch.randint(0, lk + 1, (b,), device="cuda", generator=g)
-    if "padding" in kind:
-        kpm = torch.rand(b, lk, device="cuda", generator=g) > 0.3
-        kpm[0, lk // 2:] = False
-        kpm[-1] = False  # a fully padded batch item: zeros, zero gradients
-        out["key_padding_mask"] = kpm
-    if "mask" in kind:
-        am = torch.rand(b, 1, lq, lk, device="cuda", generator=g) > 0.4
-        am[:, :, lq // 2] = False  # a row that sees nothing
-        out["attn_mask"] = am
-    return out
+def _masks(kind, b, h, lq, lk, seed):
+    """test_attention's masks of each kind, on the GPU."""
+    return {k: v.cuda() if isinstance(v, torch.Tensor) else v
+            for k, v in attention_masks(kind, b, h, lq, lk, seed).items()}
 
 
 def _assert_attention_close(got, same_dtype, exact, dtype):
@@ -170,7 +158,7 @@ def test_attention_forward_and_backward_match_fp64(shape, kind, dtype):
     q, k, v = (torch.randn(b, h, n, d, device="cuda", generator=g).to(dtype)
                for n in (lq, lk, lk))
     grad = torch.randn(b, h, lq, d, device="cuda", generator=g).to(dtype)
-    kw = _masks(kind, b, lq, lk, seed=d)
+    kw = _masks(kind, b, h, lq, lk, seed=d)
     prefix = kw.get("prefix_len")
     if kw.get("causal") and prefix is None:
         prefix = torch.zeros(b, dtype=torch.long, device="cuda")
