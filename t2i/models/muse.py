@@ -119,7 +119,8 @@ class MaskGitTransformer(nn.Module, Pretrained):
         self.mask_id = c.num_codes
         self.num_tokens = c.grid * c.grid
         self.token_embed = nn.Embedding(c.num_codes + 1, c.dim)
-        self.pos = LearnedPositions(self.num_tokens // c.patch ** 2, c.dim)
+        side = c.grid // c.patch  # transformer positions a side
+        self.pos = LearnedPositions(side * side, c.dim, grid=side)
         if c.patch > 1:  # p x p tokens in, one position through the blocks, p x p out
             self.merge = nn.Linear(c.patch ** 2 * c.dim, c.dim)
             self.split = nn.Linear(c.dim, c.patch ** 2 * c.dim)

@@ -6,8 +6,9 @@ from t2i.modules.attention import (
     LearnedPositions,
     RotaryEmbedding,
     TransformerBlock,
+    grid_positions,
 )
 from t2i.modules.quantizer import QuantizerConfig, QuantizerOutput, VectorQuantizer
 
 __all__ = ["Attention", "KVCache", "LearnedPositions", "QuantizerConfig", "QuantizerOutput",
-           "RotaryEmbedding", "TransformerBlock", "VectorQuantizer"]
+           "RotaryEmbedding", "TransformerBlock", "VectorQuantizer", "grid_positions"]

@@ -2,12 +2,15 @@
 
 - `Attention`: multi-head self- or cross-attention on `t2i_kernels.masked_attention`, with
   rotary positions and an optional `KVCache` for token-by-token decoding.
-- `LearnedPositions`: absolute position embeddings added to token embeddings.
+- `LearnedPositions`: absolute position embeddings added to token embeddings; over an
+  image's grid they start from `grid_positions` (2D sine-cosine features).
 - `TransformerBlock`: pre-norm self-attention, optional cross-attention, MLP.
 
 Masks are passed straight to the kernel: causal, prefix_len (Make-A-Scene's text + scene
 prefix), key_padding_mask (True = keep) and attn_mask (True = attend).
 """
+
+import math
 
 import torch
 from torch import nn
@@ -97,12 +100,38 @@ class Attention(nn.Module):
         return self.out(out.transpose(1, 2).flatten(2))  # [B, Lq, dim]
 
 
-class LearnedPositions(nn.Module):
-    """Absolute learned position embeddings: x [B, L, dim] -> x + pos[offset:offset+L]."""
+def grid_positions(grid: int, dim: int) -> torch.Tensor:
+    """2D sine-cosine features of a grid x grid raster (row-major) -> [grid^2, dim]: sin and
+    cos of x in the first half of the channels, of y in the second, at dim / 4 frequencies
+    from pi/2 a position down to ~pi/200. Neighbours start out alike and distant positions
+    apart, so a model need not learn the grid's geometry from scratch."""
+    if dim % 4:
+        raise ValueError(f"grid positions need a width divisible by 4, got {dim}")
+    q = dim // 4
+    freq = (math.pi / 2) / 100 ** (torch.arange(q, dtype=torch.float64) / q)
+    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
+                          torch.arange(grid, dtype=torch.float64), indexing="ij")
+    parts = []
+    for coord in (x, y):
+        angles = coord.flatten()[:, None] * freq
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, 1).float()
 
-    def __init__(self, max_len: int, dim: int):
+
+class LearnedPositions(nn.Module):
+    """Absolute learned position embeddings: x [B, L, dim] -> x + pos[offset:offset+L].
+    With `grid` (max_len = grid^2 image positions) they start as `grid_positions`, else as
+    small random vectors."""
+
+    def __init__(self, max_len: int, dim: int, grid: int | None = None):
         super().__init__()
-        self.embedding = nn.Parameter(torch.randn(max_len, dim) * 0.02)
+        if grid is None:
+            init = torch.randn(max_len, dim) * 0.02
+        elif grid * grid != max_len:
+            raise ValueError(f"a {grid} x {grid} grid has {grid * grid} positions, not {max_len}")
+        else:
+            init = grid_positions(grid, dim)
+        self.embedding = nn.Parameter(init)
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         if offset + x.shape[1] > self.embedding.shape[0]:

@@ -18,6 +18,7 @@ from t2i.models.muse import (
     random_mask,
 )
 from t2i.models.vqgan import VQGAN, VQGANConfig
+from t2i.modules import grid_positions
 
 TOKENIZER = ByteTokenizer(48)
 
@@ -50,6 +51,11 @@ def test_forward_and_backward_touch_every_parameter():
     assert untouched == []
     logits, hidden = model(tokens, *model.condition(text=ids, text_mask=mask))
     assert logits.shape == (2, 16, 16) and hidden.shape == (2, 16, 32)
+
+
+def test_image_positions_start_from_the_grid_of_transformer_positions():
+    model = _model(patch=2)  # 4 x 4 tokens -> 2 x 2 positions
+    assert torch.equal(model.pos.embedding.detach(), grid_positions(2, 32))
 
 
 def test_local_mixing_starts_as_identity_and_reaches_only_its_neighbours():

@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from t2i.modules import Attention, KVCache, LearnedPositions, RotaryEmbedding, TransformerBlock
+from t2i.modules import (
+    Attention,
+    KVCache,
+    LearnedPositions,
+    RotaryEmbedding,
+    TransformerBlock,
+    grid_positions,
+)
 
 
 def _x(b=2, n=12, dim=32, seed=0):
@@ -95,6 +102,24 @@ def test_learned_positions():
     assert torch.equal(pos(x, offset=2), pos.embedding[2:6][None])
     with pytest.raises(ValueError, match="exceed"):
         pos(torch.zeros(1, 20, 32))
+
+
+def test_grid_positions_start_from_the_grids_geometry():
+    pos = grid_positions(8, 32).view(8, 8, 32)  # [y, x, channels]
+    # the first half of the channels depends on x alone, the second on y alone
+    assert torch.allclose(pos[:, :, :16], pos[:1, :, :16].expand(8, 8, 16))
+    assert torch.allclose(pos[:, :, 16:], pos[:, :1, 16:].expand(8, 8, 16))
+    # along a row and down a column, the positions 1 and 2 away are more alike than any
+    # farther one (the higher frequencies repeat, so it is not monotonic all the way)
+    for line in (pos[3], pos[:, 5]):
+        sims = torch.nn.functional.cosine_similarity(line[:1], line, dim=-1)
+        assert sims[1] > sims[2] > sims[3:].max(), sims
+    learned = LearnedPositions(16, 32, grid=4)
+    assert torch.equal(learned.embedding.detach(), grid_positions(4, 32))
+    with pytest.raises(ValueError, match="grid"):
+        LearnedPositions(15, 32, grid=4)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        grid_positions(4, 30)
 
 
 def test_bad_head_count():
