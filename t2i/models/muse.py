@@ -114,6 +114,9 @@ class MaskGitTransformer(nn.Module, Pretrained):
             raise ValueError(f"model.condition: 'text' or 'class', got {c.condition!r}")
         if c.grid % c.patch:
             raise ValueError(f"model.patch {c.patch} does not divide the {c.grid} tokens a side")
+        if c.dim % 4:
+            raise ValueError(f"model.dim must be divisible by 4 (the image positions start as "
+                             f"2D sine-cosine features), got {c.dim}")
         if c.local_kernel < 0 or (c.local_kernel and c.local_kernel % 2 == 0):
             raise ValueError(f"model.local_kernel: 0 (off) or an odd size, got {c.local_kernel}")
         self.mask_id = c.num_codes

@@ -56,6 +56,8 @@ def test_forward_and_backward_touch_every_parameter():
 def test_image_positions_start_from_the_grid_of_transformer_positions():
     model = _model(patch=2)  # 4 x 4 tokens -> 2 x 2 positions
     assert torch.equal(model.pos.embedding.detach(), grid_positions(2, 32))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        MaskGitTransformer(MuseConfig(num_codes=16, grid=4, dim=30, heads=3))
 
 
 def test_local_mixing_starts_as_identity_and_reaches_only_its_neighbours():
