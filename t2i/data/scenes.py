@@ -295,6 +295,14 @@ def make_caption(d: Draws, objects: list[SceneObject]) -> tuple[str, dict | None
     return text, relation
 
 
+def swap_shape(text: str, shape: str, new: str) -> str:
+    """The caption with every word for `shape` (SHAPE_WORDS) replaced by `new`'s first
+    word: the same scene text but another shape, e.g. to measure what the shape word is
+    worth to a model. Other words are kept as written."""
+    pattern = r"\b(?:" + "|".join(re.escape(w) for w in SHAPE_WORDS[shape]) + r")\b"
+    return re.sub(pattern, SHAPE_WORDS[new][0], text)
+
+
 def _alternation(table: dict) -> str:
     words = sorted({w for ws in table.values() for w in ws}, key=len, reverse=True)
     return "|".join(re.escape(w) for w in words)

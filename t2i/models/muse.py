@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from t2i.data.scenes import SHAPES
+from t2i.data.scenes import SHAPES, swap_shape
 from t2i.models import Pretrained, load_pretrained, save_pretrained
 from t2i.modules.attention import LearnedPositions, TransformerBlock
 from t2i.training.task import Task, TokenCache
@@ -344,6 +344,35 @@ def object_coverage(seg: torch.Tensor | None, grid: int) -> torch.Tensor:
     return F.avg_pool2d((seg > 0).float()[:, None], f).flatten(1)
 
 
+@torch.no_grad()
+def shape_word_nll(model, tokens, seg, captions, records, tokenizer):
+    """What the shape word is worth to an object's tokens, over the single-object scenes of
+    a batch: the summed cross-entropy of the object's tokens (those with at least half of
+    their pixels on it), every image token masked, under the caption and under the same
+    caption naming the next shape in SHAPES instead. -> (nll with the true word, nll with
+    the swapped word, object tokens), or None without single-object scenes. Equal sums:
+    the model draws the same object whatever shape the caption names."""
+    rows = [i for i, r in enumerate(records or [])
+            if r is not None and len(r.get("objects", ())) == 1]
+    if not rows or not has_segmentation(seg):
+        return None
+    device = tokens.device
+    shapes = [records[i]["objects"][0]["shape"] for i in rows]
+    texts = [captions[i] for i in rows]
+    swapped = [swap_shape(t, s, SHAPES[(SHAPES.index(s) + 1) % len(SHAPES)])
+               for t, s in zip(texts, shapes, strict=True)]
+    targets = tokens[rows]
+    on = (object_coverage(seg[rows], model.config.grid) >= 0.5).to(device)
+    inputs = torch.full_like(targets, model.mask_id)
+    out = []
+    for text in (texts, swapped):
+        ids, mask = tokenizer(text)
+        ctx, ctx_mask = model.condition(text=ids.to(device), text_mask=mask.to(device))
+        logits, _ = model.transformer(inputs, ctx, ctx_mask)
+        out.append(float(F.cross_entropy(logits[on].float(), targets[on], reduction="sum")))
+    return out[0], out[1], int(on.sum())
+
+
 def class_labels(batch: dict) -> torch.Tensor:
     """Class of each synthetic scene: the shape of its first-drawn object."""
     records = batch.get("record")
@@ -447,6 +476,7 @@ class MuseTask(Task):
         (a small part of each image, and the part the captions are about)."""
         g = torch.Generator().manual_seed(0)
         losses, accs, hits, counts = [], [], 0, 0
+        shape_nll = [0.0, 0.0, 0]  # true word, swapped word, object tokens
         for batch in batches:
             tokens = self._tokens(batch["image"])
             masked = random_mask(*tokens.shape, self.config.schedule, "cpu", g).to(tokens.device)
@@ -459,9 +489,16 @@ class MuseTask(Task):
                 on = masked & (object_coverage(seg, self.config.grid) > 0).to(masked.device)
                 hits += int(correct[on].sum())
                 counts += int(on.sum())
+            if self.config.condition == "text" and self.tokenizer is not None:
+                nll = shape_word_nll(model, tokens, seg, batch["caption"], batch.get("record"),
+                                     self.tokenizer)
+                if nll is not None:
+                    shape_nll = [a + b for a, b in zip(shape_nll, nll, strict=True)]
         out = {"val_ce": sum(losses) / len(losses), "val_accuracy": sum(accs) / len(accs)}
         if counts:
             out["val_object_accuracy"] = hits / counts
+        if shape_nll[2]:  # nats a token: how much the caption's shape word tells the model
+            out["val_shape_word_gain"] = (shape_nll[1] - shape_nll[0]) / shape_nll[2]
         return out
 
     def export(self, path: str) -> None:

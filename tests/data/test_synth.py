@@ -141,6 +141,18 @@ def test_parse_caption_rejects_text_outside_the_grammar():
                              " the big red circle is above the small green square")
 
 
+def test_swap_shape_renames_every_word_for_the_shape_and_nothing_else():
+    text = ("a big red donut at the top, one small blue ring at the bottom. the big red donut "
+            "is above the small blue ring")
+    swapped = scenes.swap_shape(text, "ring", "cross")
+    assert swapped == ("a big red cross at the top, one small blue cross at the bottom. the "
+                       "big red cross is above the small blue cross")
+    parsed = scenes.parse_caption(swapped)  # still the caption grammar
+    assert [o["shape"] for o in parsed["objects"]] == ["cross", "cross"]
+    # whole words only: "bar" inside another word stays
+    assert scenes.swap_shape("a barred red bar", "bar", "square") == "a barred red square"
+
+
 def test_ensure_synth_reuses_a_complete_directory_and_redoes_a_broken_one(tmp_path):
     out = str(tmp_path)
     ensure_synth(out, 30, size=32, seed=1, shard_size=10, progress=False)

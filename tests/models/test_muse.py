@@ -16,6 +16,7 @@ from t2i.models.muse import (
     mask_ratio,
     object_coverage,
     random_mask,
+    shape_word_nll,
 )
 from t2i.models.vqgan import VQGAN, VQGANConfig
 from t2i.modules import grid_positions
@@ -108,6 +109,44 @@ def test_coverage_head_adds_its_weighted_loss_on_the_masked_tokens():
     torch.testing.assert_close(loss, plain + 0.5 * bce, rtol=1e-4, atol=1e-5)
     loss.backward()
     assert model.coverage.weight.grad.abs().sum() > 0
+
+
+def test_shape_word_nll_compares_the_caption_with_its_shape_swapped(monkeypatch):
+    model = _model()
+    captions = ["a large red ring on the left", "a blue bar at the top and a red disk below",
+                "a small green disk in the centre"]
+    records = [{"objects": [{"shape": "ring"}]}, {"objects": [{}, {}]},
+               {"objects": [{"shape": "circle"}]}]
+    seg = torch.zeros(3, 8, 8, dtype=torch.long)
+    seg[0, 0:4, 0:2] = 6  # tokens (0, 0) and (1, 0) of the 4 x 4 grid
+    seg[0, 5, 5] = 6  # a quarter of token (2, 2): under half, not counted
+    seg[2, 2:4, 2:6] = 1  # tokens (1, 1) and (1, 2)
+    tokens = torch.randint(0, 16, (3, 16), generator=torch.Generator().manual_seed(1))
+    true, swapped, count = shape_word_nll(model, tokens, seg, captions, records, TOKENIZER)
+    assert count == 4  # two object tokens in each single-object scene, none from the second
+
+    def nll(texts, rows):  # by hand: all masked, cross-entropy of the object tokens
+        ids, mask = TOKENIZER(texts)
+        logits, _ = model.transformer(torch.full((2, 16), model.mask_id),
+                                      *model.condition(text=ids, text_mask=mask))
+        return sum(float(-logits[r].log_softmax(-1)[t, tokens[i, t]])
+                   for r, (i, toks) in enumerate(rows) for t in toks)
+
+    rows = [(0, [0, 4]), (2, [5, 6])]
+    with torch.no_grad():
+        assert true == pytest.approx(nll([captions[0], captions[2]], rows), rel=1e-5)
+        # ring -> bar, circle -> square (the next shape in SHAPES)
+        assert swapped == pytest.approx(nll(["a large red bar on the left",
+                                             "a small green square in the centre"], rows),
+                                        rel=1e-5)
+    assert swapped != true  # an untrained model still reads the word
+    # a model deaf to the caption gains nothing from the shape word
+    monkeypatch.setattr(model, "condition", lambda text, text_mask: model.null_condition(
+        len(text)))
+    true, swapped, _ = shape_word_nll(model, tokens, seg, captions, records, TOKENIZER)
+    assert true == swapped
+    assert shape_word_nll(model, tokens, seg, captions[1:2] * 3, [records[1]] * 3,
+                          TOKENIZER) is None  # no single-object scene
 
 
 def test_all_dropped_condition_skips_the_text_but_attends_the_same():

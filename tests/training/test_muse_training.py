@@ -3,6 +3,7 @@ missing, two ranks under the DeepSpeed launcher with ZeRO-3, a BPE caption token
 in the run directory, an export that `t2i.pipelines`, `t2i generate` and `t2i eval` load."""
 
 import json
+import math
 import os
 import subprocess
 
@@ -53,6 +54,7 @@ def test_a_tiny_muse_run_exports_a_generator(tiny_vqgan, synth_dir, ds_config, t
     metrics = Trainer(config, ds_config(2)).train()
     assert {"val_ce", "val_accuracy"} <= set(metrics) and metrics["val_ce"] > 0
     assert 0 <= metrics["val_object_accuracy"] <= 1  # the synthetic scenes have seg maps
+    assert math.isfinite(metrics["val_shape_word_gain"])  # and single-object captions
     assert os.path.exists(os.path.join(out, "t2i_tokenizer.json"))  # BPE kept for resume
     assert os.path.exists(os.path.join(out, "samples", "step_000004.png"))
     pipe = load(out)
