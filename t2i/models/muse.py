@@ -489,7 +489,9 @@ class MuseTask(Task):
                 on = masked & (object_coverage(seg, self.config.grid) > 0).to(masked.device)
                 hits += int(correct[on].sum())
                 counts += int(on.sum())
-            if self.config.condition == "text" and self.tokenizer is not None:
+            # text-only base stages (a super-resolution stage also sees the shape itself)
+            if self.config.condition == "text" and self.tokenizer is not None and \
+                    self.low is None:
                 nll = shape_word_nll(model, tokens, seg, batch["caption"], batch.get("record"),
                                      self.tokenizer)
                 if nll is not None:

@@ -112,7 +112,8 @@ def test_a_super_resolution_stage_trains_on_the_base_tokens_and_chains(
                             _muse_overrides(synth_dir, sr, tiny_vqgan, steps=2)
                             + [f"model.low_res_tokenizer={tiny_vqgan}", "model.low_res_size=8",
                                f"data.tokenizer={base}/export"])
-    Trainer(config, ds_config(2)).train()
+    metrics = Trainer(config, ds_config(2)).train()
+    assert "val_ce" in metrics and "val_shape_word_gain" not in metrics  # sees the shapes
     chain = load(sr, base=base)
     out = chain(["a red circle on the left", "a blue ring"], steps=3, seed=0)
     assert out.images.shape == (2, 3, 16, 16)
