@@ -299,7 +299,7 @@ def swap_shape(text: str, shape: str, new: str) -> str:
     """The caption with every word for `shape` (SHAPE_WORDS) replaced by `new`'s first
     word: the same scene text but another shape, e.g. to measure what the shape word is
     worth to a model. Other words are kept as written."""
-    pattern = r"\b(?:" + "|".join(re.escape(w) for w in SHAPE_WORDS[shape]) + r")\b"
+    pattern = rf"\b(?:{_alternation({shape: SHAPE_WORDS[shape]})})\b"
     return re.sub(pattern, SHAPE_WORDS[new][0], text)
 
 

@@ -368,8 +368,9 @@ def shape_word_nll(model, tokens, seg, captions, records, tokenizer):
     for text in (texts, swapped):
         ids, mask = tokenizer(text)
         ctx, ctx_mask = model.condition(text=ids.to(device), text_mask=mask.to(device))
-        logits, _ = model.transformer(inputs, ctx, ctx_mask)
-        out.append(float(F.cross_entropy(logits[on].float(), targets[on], reduction="sum")))
+        _, hidden = model.transformer(inputs, ctx, ctx_mask, return_logits=False)
+        logits = model.head(hidden[on]).float()  # the object tokens only
+        out.append(float(F.cross_entropy(logits, targets[on], reduction="sum")))
     return out[0], out[1], int(on.sum())
 
 
@@ -477,6 +478,9 @@ class MuseTask(Task):
         g = torch.Generator().manual_seed(0)
         losses, accs, hits, counts = [], [], 0, 0
         shape_nll = [0.0, 0.0, 0]  # true word, swapped word, object tokens
+        # text-only base stages (a super-resolution stage also sees the shape itself)
+        shape_word = self.config.condition == "text" and self.tokenizer is not None and \
+            self.low is None
         for batch in batches:
             tokens = self._tokens(batch["image"])
             masked = random_mask(*tokens.shape, self.config.schedule, "cpu", g).to(tokens.device)
@@ -489,9 +493,7 @@ class MuseTask(Task):
                 on = masked & (object_coverage(seg, self.config.grid) > 0).to(masked.device)
                 hits += int(correct[on].sum())
                 counts += int(on.sum())
-            # text-only base stages (a super-resolution stage also sees the shape itself)
-            if self.config.condition == "text" and self.tokenizer is not None and \
-                    self.low is None:
+            if shape_word:
                 nll = shape_word_nll(model, tokens, seg, batch["caption"], batch.get("record"),
                                      self.tokenizer)
                 if nll is not None:
