@@ -191,11 +191,11 @@ class MuseGenerator:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def _logits(self, inputs, ctx, ctx_mask, self_cond, where):
+    def _logits(self, inputs, ctx, ctx_mask, self_cond, where, layout=None):
         """Logits at the positions `where` (long [R, k], R = rows of inputs; None: all):
         the output head runs only where tokens are still to be drawn."""
         _, hidden = self._timed(self.model.transformer, inputs, ctx, ctx_mask, self_cond,
-                                return_logits=False)
+                                return_logits=False, layout=layout)
         picked = hidden
         if where is not None:  # rows of the flattened [R * N, dim]: 5x a broadcast gather
             r, n, d = hidden.shape
@@ -209,6 +209,10 @@ class MuseGenerator:
         ctx, ctx_mask = self._timed(model.condition, **cond)
         b, n, v = ctx.shape[0], model.num_tokens, model.config.num_codes
         guided = cfg_scale is not None
+        layout = None
+        if model.config.layout_rows:  # layout first: each token's class from the condition
+            layout = self._timed(model.draw_layout, ctx, ctx_mask)
+            layout = torch.cat([layout, layout]) if guided else layout
         if guided:  # conditional rows first, then the unconditional (null or negative) ones
             if negative is not None:
                 u_ctx, u_mask = self._timed(model.condition, **{**cond, "text": negative[0],
@@ -229,7 +233,7 @@ class MuseGenerator:
                 torch.argsort(known.to(torch.int8), dim=1, stable=True)[:, :current]
             inputs = torch.cat([tokens, tokens]) if guided else tokens
             rows = None if where is None else (torch.cat([where, where]) if guided else where)
-            logits, hidden = self._logits(inputs, ctx, ctx_mask, hidden, rows)
+            logits, hidden = self._logits(inputs, ctx, ctx_mask, hidden, rows, layout)
             cond_logits = None
             if guided:
                 cond_logits, logits = logits[:b], logits[b:]
@@ -253,7 +257,7 @@ class MuseGenerator:
             if critic == "self":
                 # the model's probability of each token given the completed map
                 full = torch.cat([sampled, sampled]) if guided else sampled
-                re_logits, _ = self._logits(full, ctx, ctx_mask, None, None)
+                re_logits, _ = self._logits(full, ctx, ctx_mask, None, None, layout)
                 confidence = torch.log_softmax(re_logits[:b].float(), -1).gather(
                     -1, sampled[..., None])[..., 0]
             elif critic is not None:  # a token critic model reads the map itself

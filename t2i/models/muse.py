@@ -70,6 +70,9 @@ class MuseConfig:
     schedule: str = "cosine"  # training mask-ratio schedule (decoding picks its own)
     label_smoothing: float = 0.1
     coverage_weight: float = 0.0  # > 0: also predict each masked token's object coverage
+    layout_rows: int = 0  # > 0: layout first; rows of each micro-batch that learn it
+    # (at most all but one; see MuseTask.losses); generate without guidance
+    layout_classes: int = len(SHAPES) + 1  # segmentation classes, background (0) included
     low_res_tokenizer: str = ""  # super-resolution: the low-res stage's VQGAN run ("": base)
     low_res_size: int = 32  # super-resolution: the low-res stage's image side
     low_res_codes: int = 0  # its codebook size (0: from low_res_tokenizer)
@@ -119,6 +122,9 @@ class MaskGitTransformer(nn.Module, Pretrained):
                              f"2D sine-cosine features), got {c.dim}")
         if c.local_kernel < 0 or (c.local_kernel and c.local_kernel % 2 == 0):
             raise ValueError(f"model.local_kernel: 0 (off) or an odd size, got {c.local_kernel}")
+        if c.layout_rows < 0 or (c.layout_rows and (c.low_res_codes or c.critic)):
+            raise ValueError("model.layout_rows: >= 0, and only for a base generator (not a "
+                             f"super-resolution stage or a critic), got {c.layout_rows}")
         self.mask_id = c.num_codes
         self.num_tokens = c.grid * c.grid
         self.token_embed = nn.Embedding(c.num_codes + 1, c.dim)
@@ -151,6 +157,10 @@ class MaskGitTransformer(nn.Module, Pretrained):
         self.head = nn.Linear(c.dim, 1 if c.critic else c.num_codes)
         if c.coverage_weight:  # a training aid: generation never calls it
             self.coverage = nn.Linear(c.dim, 1)
+        if c.layout_rows:  # each token's class in, and out; the extra input id: "unknown"
+            self.unknown_layout = c.layout_classes
+            self.layout_embed = nn.Embedding(c.layout_classes + 1, c.dim)
+            self.layout_head = nn.Linear(c.dim, c.layout_classes)
         if c.critic:
             self.kind = "critic"
 
@@ -215,10 +225,13 @@ class MaskGitTransformer(nn.Module, Pretrained):
 
     def transformer(self, tokens: torch.Tensor, context: torch.Tensor,
                     context_mask: torch.Tensor, self_cond: torch.Tensor | None = None,
-                    return_logits: bool = True):
+                    return_logits: bool = True, layout: torch.Tensor | None = None):
         """tokens long [B, N] (mask id = num_codes) -> (logits [B, N, V] or None,
-        hidden [B, N, dim])."""
+        hidden [B, N, dim]). `layout` long [B, N]: each token's class (`layout_rows`
+        models; `unknown_layout` where it is still to be drawn)."""
         x = self.token_embed(tokens)  # [B, N, dim]
+        if layout is not None:
+            x = x + self.layout_embed(layout)
         if self_cond is not None and self.config.self_condition:
             x = x + self.self_cond(self_cond)
         p = self.config.patch
@@ -249,26 +262,38 @@ class MaskGitTransformer(nn.Module, Pretrained):
 
     def loss(self, tokens: torch.Tensor, masked: torch.Tensor, context, context_mask,
              self_cond_rows: torch.Tensor | None = None, coverage: torch.Tensor | None = None,
-             return_correct: bool = False):
+             return_correct: bool = False, layout: torch.Tensor | None = None,
+             layout_target: torch.Tensor | None = None):
         """Cross-entropy on the masked positions. tokens long [B, N] (the truth), masked
         bool [B, N]. `self_cond_rows` bool [B]: rows that first run once without gradient
         and see that pass's hidden states. `coverage` float [B, N]: the fraction of each
         token's pixels that show an object (`object_coverage`), which a second head learns
         to predict with `config.coverage_weight` (binary cross-entropy on the masked tokens:
         the objects' outline below token size, whatever their colour and background).
+        `layout` long [B, N]: each token's class as input (`layout_rows` models);
+        `layout_target` float [R, N, layout_classes]: the class mix of each token of the
+        first R rows, which learn the layout instead of the tokens (soft cross-entropy of
+        `layout_head`, added to the loss; their tokens are not scored).
         -> (loss, accuracy on masked tokens), and with `return_correct` the bool [B, N] map
         of the masked tokens the argmax gets right."""
         inputs = torch.where(masked, self.mask_id, tokens)
         self_cond = None
         if self.config.self_condition and self_cond_rows is not None:
             with torch.no_grad():
-                _, first = self.transformer(inputs, context, context_mask, return_logits=False)
+                _, first = self.transformer(inputs, context, context_mask, return_logits=False,
+                                            layout=layout)
             self_cond = first * self_cond_rows[:, None, None].to(first.dtype)
         _, hidden = self.transformer(inputs, context, context_mask, self_cond,
-                                     return_logits=False)
+                                     return_logits=False, layout=layout)
         targets = torch.where(masked, tokens, -100)
+        rows = 0 if layout_target is None else len(layout_target)
+        targets[:rows] = -100
         loss = linear_cross_entropy(hidden, self.head.weight, targets, bias=self.head.bias,
                                     label_smoothing=self.config.label_smoothing)
+        if rows:
+            log_p = F.log_softmax(self.layout_head(hidden[:rows]).float(), -1)
+            loss = loss - (layout_target.float() * log_p).sum(-1).mean()
+        masked = targets >= 0
         picked = hidden[masked]
         if coverage is not None and self.config.coverage_weight:
             predicted = self.coverage(picked)[:, 0].float()
@@ -282,9 +307,21 @@ class MaskGitTransformer(nn.Module, Pretrained):
         return loss, accuracy
 
     def training_loss(self, tokens, masked, condition: dict, self_cond_rows=None,
-                      coverage=None):
+                      coverage=None, layout=None, layout_target=None):
         """The condition (with its dropped rows) and `loss`, in one call."""
-        return self.loss(tokens, masked, *self.condition(**condition), self_cond_rows, coverage)
+        return self.loss(tokens, masked, *self.condition(**condition), self_cond_rows, coverage,
+                         layout=layout, layout_target=layout_target)
+
+    @torch.no_grad()
+    def draw_layout(self, context, context_mask) -> torch.Tensor:
+        """`layout_rows` models: each token's most likely class from the condition alone
+        (one pass, every image token masked, the layout unknown) -> long [B, N]."""
+        b = context.shape[0]
+        tokens = torch.full((b, self.num_tokens), self.mask_id, device=context.device)
+        unknown = torch.full_like(tokens, self.unknown_layout)
+        _, hidden = self.transformer(tokens, context, context_mask, return_logits=False,
+                                     layout=unknown)
+        return self.layout_head(hidden).argmax(-1)
 
     def critic_loss(self, tokens, sampled: torch.Tensor, condition: dict):
         """Critic: binary cross-entropy of "this token was sampled, not the original" over
@@ -332,6 +369,16 @@ def random_mask(batch: int, n: int, schedule: str, device, generator=None) -> to
 def has_segmentation(seg: torch.Tensor | None) -> bool:
     """Whether a batch's segmentation maps exist for every image (-1 marks a missing one)."""
     return seg is not None and not bool((seg < 0).any())
+
+
+def class_mix(seg: torch.Tensor, grid: int, classes: int) -> torch.Tensor:
+    """Segmentation maps long [B, H, W] -> float [B, grid^2, classes]: the share of each
+    token's image patch that shows each class (background 0 included)."""
+    if int(seg.min()) < 0 or int(seg.max()) >= classes:
+        raise ValueError(f"segmentation classes must be in [0, {classes}) (model.layout_classes)"
+                         f", got {int(seg.min())}..{int(seg.max())}")
+    onehot = F.one_hot(seg.long(), classes).permute(0, 3, 1, 2).float()
+    return F.avg_pool2d(onehot, seg.shape[-1] // grid).flatten(2).transpose(1, 2)
 
 
 def object_coverage(seg: torch.Tensor | None, grid: int) -> torch.Tensor:
@@ -450,10 +497,33 @@ class MuseTask(Task):
         coverage = None
         if self.config.coverage_weight:
             coverage = object_coverage(batch.get("seg"), self.config.grid).to(device)
+        layout = target = None
+        if self.config.layout_rows:
+            # layout first: the first rows learn each token's class from the caption alone
+            # (every image token masked, the layout unknown, never the null condition); the
+            # others learn to paint tokens on the true layout
+            if b < 2:
+                raise ValueError("model.layout_rows needs micro-batches of at least 2 samples "
+                                 "(layout rows and painting rows)")
+            mix, layout = self._layout(batch)
+            r = min(self.config.layout_rows, b - 1)  # at least one row paints
+            target = mix[:r]
+            layout[:r] = self.model.unknown_layout
+            masked[:r] = True
+            drop[:r] = False
         loss, accuracy = engines["model"](tokens, masked, self._inputs(batch, drop, True), sc,
-                                          coverage, mode="loss")
+                                          coverage, layout, target, mode="loss")
         yield "model", loss, {"ce": loss.item(), "accuracy": accuracy.item(),
                               "masked": masked.float().mean().item()}
+
+    def _layout(self, batch):
+        """-> (class mix [B, N, C], each token's majority class long [B, N]) from the maps."""
+        if not has_segmentation(batch.get("seg")):
+            raise ValueError("model.layout_rows needs the segmentation maps of every training "
+                             "image (seg.png in the shards); this data set has none")
+        mix = class_mix(batch["seg"], self.config.grid, self.config.layout_classes)
+        mix = mix.to(batch["image"].device)
+        return mix, mix.argmax(-1)
 
     @torch.no_grad()
     def samples(self, model, batch):
@@ -479,13 +549,17 @@ class MuseTask(Task):
         losses, accs, hits, counts = [], [], 0, 0
         shape_nll = [0.0, 0.0, 0]  # true word, swapped word, object tokens
         # text-only base stages (a super-resolution stage also sees the shape itself)
+        # (and not layout-first models: their tokens follow the layout, drawn separately)
         shape_word = self.config.condition == "text" and self.tokenizer is not None and \
-            self.low is None
+            self.low is None and not self.config.layout_rows
         for batch in batches:
             tokens = self._tokens(batch["image"])
             masked = random_mask(*tokens.shape, self.config.schedule, "cpu", g).to(tokens.device)
             ctx = model.condition(**self._inputs(batch))
-            loss, acc, correct = model.loss(tokens, masked, *ctx, return_correct=True)
+            # layout-first models paint on the true layout here: this scores the painter
+            layout = self._layout(batch)[1] if self.config.layout_rows else None
+            loss, acc, correct = model.loss(tokens, masked, *ctx, return_correct=True,
+                                            layout=layout)
             losses.append(float(loss))
             accs.append(float(acc))
             seg = batch.get("seg")

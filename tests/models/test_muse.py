@@ -13,6 +13,7 @@ from t2i.models.muse import (
     LocalMix,
     MaskGitTransformer,
     MuseConfig,
+    class_mix,
     mask_ratio,
     object_coverage,
     random_mask,
@@ -109,6 +110,68 @@ def test_coverage_head_adds_its_weighted_loss_on_the_masked_tokens():
     torch.testing.assert_close(loss, plain + 0.5 * bce, rtol=1e-4, atol=1e-5)
     loss.backward()
     assert model.coverage.weight.grad.abs().sum() > 0
+
+
+def test_class_mix_is_each_tokens_share_of_every_class():
+    seg = torch.zeros(1, 4, 4, dtype=torch.long)
+    seg[0, 0, 0], seg[0, 0:2, 2:4] = 2, 1  # token (0, 0): a quarter class 2; (0, 1): all 1
+    mix = class_mix(seg, 2, 3)
+    assert mix.shape == (1, 4, 3)
+    assert torch.equal(mix[0, 0], torch.tensor([0.75, 0.0, 0.25]))
+    assert torch.equal(mix[0, 1], torch.tensor([0.0, 1.0, 0.0]))
+    assert torch.equal(mix[0, 2:], torch.tensor([[1.0, 0.0, 0.0]] * 2))
+    with pytest.raises(ValueError, match="layout_classes"):
+        class_mix(seg, 2, 2)  # class 2 does not fit two classes
+
+
+def test_layout_first_rows_learn_the_layout_and_the_rest_paint_on_it():
+    model = _model(layout_rows=1, layout_classes=3).train()
+    ids, mask = TOKENIZER(["a red circle on the left", "a small blue ring at the top"])
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, 16, (2, 16), generator=g)
+    masked = torch.rand(2, 16, generator=g) < 0.6
+    masked[0] = True  # the layout row: every image token masked
+    layout = torch.randint(0, 3, (2, 16), generator=g)
+    layout[0] = model.unknown_layout
+    target = torch.softmax(torch.randn(1, 16, 3, generator=g), -1)
+    ctx = model.condition(text=ids, text_mask=mask)
+    loss, _ = model.loss(tokens, masked, *ctx, layout=layout, layout_target=target)
+    # by hand: the token loss on row 1's masked tokens only, plus the layout's soft CE on row 0
+    _, hidden = model.transformer(torch.where(masked, model.mask_id, tokens), *ctx,
+                                  layout=layout)
+    ce = torch.nn.functional.cross_entropy(model.head(hidden[1, masked[1]]),
+                                           tokens[1, masked[1]], label_smoothing=0.1)
+    soft = -(target[0] * torch.log_softmax(model.layout_head(hidden[0]), -1)).sum(-1).mean()
+    torch.testing.assert_close(loss, ce + soft, rtol=1e-4, atol=1e-5)
+    loss.backward()
+    assert model.layout_head.weight.grad.abs().sum() > 0
+    assert model.layout_embed.weight.grad[[0, 1, 2, model.unknown_layout]].abs().sum(1).gt(0).all()
+    other = layout.clone()
+    other[1] = (other[1] + 1) % 3  # the painter reads the layout it is given
+    changed, _ = model.loss(tokens, masked, *ctx, layout=other, layout_target=target)
+    assert not torch.isclose(changed, loss)
+    with pytest.raises(ValueError, match="layout_rows"):
+        _model(layout_rows=1, critic=True)
+
+
+def test_layout_first_generation_draws_the_layout_once_and_paints_every_step_on_it(
+        vqgan, monkeypatch):
+    model = _model(layout_rows=1, layout_classes=3)
+    drawn, seen = [], []
+    draw, transformer = model.draw_layout, model.transformer
+    monkeypatch.setattr(model, "draw_layout", lambda *a: drawn.append(draw(*a)) or drawn[-1])
+    monkeypatch.setattr(model, "transformer",
+                        lambda *a, **kw: seen.append(kw.get("layout")) or transformer(*a, **kw))
+    gen = MuseGenerator(model, vqgan, TOKENIZER)
+    texts = ["a large red circle on the left", "a small blue ring"]
+    out = gen(texts, steps=4, cfg_scale=2.0, seed=0)
+    assert len(drawn) == 1 and drawn[0].shape == (2, 16)
+    assert 0 <= int(drawn[0].min()) and int(drawn[0].max()) < 3  # classes, never "unknown"
+    assert len(seen) == 1 + 4  # draw_layout's own pass, then one per step
+    assert all(torch.equal(s, torch.cat([drawn[0], drawn[0]])) for s in seen[1:])
+    assert torch.equal(out.tokens, gen(texts, steps=4, cfg_scale=2.0, seed=0).tokens)
+    monkeypatch.setenv("T2I_KERNEL_BACKEND", "reference")
+    assert torch.equal(out.tokens, gen(texts, steps=4, cfg_scale=2.0, seed=0).tokens)
 
 
 def test_shape_word_nll_compares_the_caption_with_its_shape_swapped(monkeypatch):

@@ -148,6 +148,28 @@ def test_train_py_trains_the_missing_tokenizer_first_then_muse_on_two_ranks(
     assert load(out)(["a red circle"], steps=2).images.shape == (1, 3, 16, 16)
 
 
+@pytest.mark.slow
+def test_a_layout_first_run_learns_layouts_paints_on_them_and_generates(
+        tiny_vqgan, synth_dir, ds_config, tmp_path):
+    from t2i.training.config import load_config
+
+    out = str(tmp_path / "layout")
+    config, _ = load_config(os.path.join(REPO, "training", "configs", "muse_shapes.yaml"),
+                            _muse_overrides(synth_dir, out, tiny_vqgan, steps=2)
+                            + ["model.layout_rows=2"])
+    trainer = Trainer(config, ds_config(2))
+    metrics = trainer.train()
+    assert metrics["val_ce"] > 0 and 0 <= metrics["val_object_accuracy"] <= 1
+    assert "val_shape_word_gain" not in metrics  # tokens follow the layout, not the words
+    pipe = load(out)
+    assert pipe.model.config.layout_rows == 2
+    images = pipe(["a large red circle on the left"], seed=0, steps=3).images
+    assert images.shape == (1, 3, 16, 16)
+    batch = {"image": torch.zeros(1, 3, 16, 16), "seg": torch.full((1, 16, 16), -1)}
+    with pytest.raises(ValueError, match="segmentation maps"):
+        trainer.task._layout(batch)
+
+
 def test_muse_without_its_tokenizer_is_a_clear_error(synth_dir, ds_config, tmp_path):
     from t2i.training.config import load_config
 
