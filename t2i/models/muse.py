@@ -293,17 +293,17 @@ class MaskGitTransformer(nn.Module, Pretrained):
         if rows:
             log_p = F.log_softmax(self.layout_head(hidden[:rows]).float(), -1)
             loss = loss - (layout_target.float() * log_p).sum(-1).mean()
-        masked = targets >= 0
-        picked = hidden[masked]
+        scored = targets >= 0  # the masked tokens, less the layout rows'
+        picked = hidden[scored]
         if coverage is not None and self.config.coverage_weight:
             predicted = self.coverage(picked)[:, 0].float()
             loss = loss + self.config.coverage_weight * F.binary_cross_entropy_with_logits(
-                predicted, coverage[masked].float())
+                predicted, coverage[scored].float())
         with torch.no_grad():
-            hits = (picked @ self.head.weight.T + self.head.bias).argmax(-1) == tokens[masked]
+            hits = (picked @ self.head.weight.T + self.head.bias).argmax(-1) == tokens[scored]
             accuracy = hits.float().mean()
         if return_correct:
-            return loss, accuracy, torch.zeros_like(masked).masked_scatter_(masked, hits)
+            return loss, accuracy, torch.zeros_like(scored).masked_scatter_(scored, hits)
         return loss, accuracy
 
     def training_loss(self, tokens, masked, condition: dict, self_cond_rows=None,

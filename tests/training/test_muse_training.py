@@ -13,7 +13,7 @@ import yaml
 
 from t2i.cli import main
 from t2i.pipelines import load
-from t2i.training.config import ConfigError
+from t2i.training.config import ConfigError, load_config
 from t2i.training.loop import Trainer
 from tests.training.conftest import (
     REPO,
@@ -37,6 +37,12 @@ def _muse_overrides(data, out, tokenizer, steps=4):
             + [f"run.{k}={v}" for k, v in run.items()])
 
 
+def _muse_config(data, out, tokenizer, *extra, steps=4, config="muse_shapes.yaml"):
+    """A training config from training/configs/`config` with the tiny Muse overrides."""
+    path = os.path.join(REPO, "training", "configs", config)
+    return load_config(path, _muse_overrides(data, out, tokenizer, steps) + list(extra))[0]
+
+
 @pytest.fixture(scope="module")
 def tiny_vqgan(synth_dir, tmp_path_factory, ds_config):
     out = str(tmp_path_factory.mktemp("muse") / "vqgan")
@@ -46,11 +52,8 @@ def tiny_vqgan(synth_dir, tmp_path_factory, ds_config):
 
 @pytest.mark.slow
 def test_a_tiny_muse_run_exports_a_generator(tiny_vqgan, synth_dir, ds_config, tmp_path):
-    from t2i.training.config import load_config
-
     out = str(tmp_path / "muse")
-    config, _ = load_config(os.path.join(REPO, "training", "configs", "muse_shapes.yaml"),
-                            _muse_overrides(synth_dir, out, tiny_vqgan))
+    config = _muse_config(synth_dir, out, tiny_vqgan)
     metrics = Trainer(config, ds_config(2)).train()
     assert {"val_ce", "val_accuracy"} <= set(metrics) and metrics["val_ce"] > 0
     assert 0 <= metrics["val_object_accuracy"] <= 1  # the synthetic scenes have seg maps
@@ -81,10 +84,8 @@ def test_a_tiny_muse_run_exports_a_generator(tiny_vqgan, synth_dir, ds_config, t
 
     # a token critic for this generator, then generation re-masking by it
     critic = str(tmp_path / "critic")
-    config, _ = load_config(os.path.join(REPO, "training", "configs", "muse_shapes.yaml"),
-                            _muse_overrides(synth_dir, critic, tiny_vqgan)
-                            + ["model.stage=critic", f"model.base={out}",
-                               f"data.tokenizer={out}/export"])
+    config = _muse_config(synth_dir, critic, tiny_vqgan, "model.stage=critic",
+                          f"model.base={out}", f"data.tokenizer={out}/export")
     assert "val_accuracy" in Trainer(config, ds_config(2)).train()
     judged = load(out, critic=critic)
     first = judged(["a red circle"], steps=3, critic="critic", seed=0).tokens
@@ -98,20 +99,15 @@ def test_a_tiny_muse_run_exports_a_generator(tiny_vqgan, synth_dir, ds_config, t
 @pytest.mark.slow
 def test_a_super_resolution_stage_trains_on_the_base_tokens_and_chains(
         tiny_vqgan, synth_dir, ds_config, tmp_path):
-    from t2i.training.config import load_config
-
     base = str(tmp_path / "base")
-    config, _ = load_config(os.path.join(REPO, "training", "configs", "muse_shapes.yaml"),
-                            _muse_overrides(synth_dir, base, tiny_vqgan, steps=2)
-                            + ["data.image_size=8"])  # the base makes 8 px images
+    config = _muse_config(synth_dir, base, tiny_vqgan, "data.image_size=8",  # 8 px images
+                          steps=2)
     Trainer(config, ds_config(2)).train()
     sr = str(tmp_path / "sr")
     # 16 px images over the tiny VQGAN's 8 x 8 tokens, conditioned on its 4 x 4 tokens of
     # the same images shrunk to 8 px (the real configs: 64 px over 32 px)
-    config, _ = load_config(os.path.join(REPO, "training", "configs", "muse_shapes.yaml"),
-                            _muse_overrides(synth_dir, sr, tiny_vqgan, steps=2)
-                            + [f"model.low_res_tokenizer={tiny_vqgan}", "model.low_res_size=8",
-                               f"data.tokenizer={base}/export"])
+    config = _muse_config(synth_dir, sr, tiny_vqgan, f"model.low_res_tokenizer={tiny_vqgan}",
+                          "model.low_res_size=8", f"data.tokenizer={base}/export", steps=2)
     metrics = Trainer(config, ds_config(2)).train()
     assert "val_ce" in metrics and "val_shape_word_gain" not in metrics  # sees the shapes
     chain = load(sr, base=base)
@@ -151,12 +147,8 @@ def test_train_py_trains_the_missing_tokenizer_first_then_muse_on_two_ranks(
 @pytest.mark.slow
 def test_a_layout_first_run_learns_layouts_paints_on_them_and_generates(
         tiny_vqgan, synth_dir, ds_config, tmp_path):
-    from t2i.training.config import load_config
-
     out = str(tmp_path / "layout")
-    config, _ = load_config(os.path.join(REPO, "training", "configs", "muse_shapes.yaml"),
-                            _muse_overrides(synth_dir, out, tiny_vqgan, steps=2)
-                            + ["model.layout_rows=2"])
+    config = _muse_config(synth_dir, out, tiny_vqgan, "model.layout_rows=2", steps=2)
     trainer = Trainer(config, ds_config(2))
     metrics = trainer.train()
     assert metrics["val_ce"] > 0 and 0 <= metrics["val_object_accuracy"] <= 1
@@ -171,11 +163,7 @@ def test_a_layout_first_run_learns_layouts_paints_on_them_and_generates(
 
 
 def test_muse_without_its_tokenizer_is_a_clear_error(synth_dir, ds_config, tmp_path):
-    from t2i.training.config import load_config
-
-    config, _ = load_config(os.path.join(REPO, "training", "configs", "muse_shapes.yaml"),
-                            _muse_overrides(synth_dir, str(tmp_path / "m"),
-                                            str(tmp_path / "nothing")))
+    config = _muse_config(synth_dir, str(tmp_path / "m"), str(tmp_path / "nothing"))
     with pytest.raises((ConfigError, ValueError), match="no exported VQGAN"):
         Trainer(config, ds_config(2))
     with pytest.raises(FileNotFoundError, match="no exported model"):
@@ -186,11 +174,8 @@ def test_muse_without_its_tokenizer_is_a_clear_error(synth_dir, ds_config, tmp_p
 @pytest.mark.slow
 def test_a_class_conditional_run_reads_its_classes_from_the_scene_records(
         tiny_vqgan, synth_dir, ds_config, tmp_path):
-    from t2i.training.config import load_config
-
     out = str(tmp_path / "class")
-    config, _ = load_config(os.path.join(REPO, "training", "configs", "muse_class_shapes.yaml"),
-                            _muse_overrides(synth_dir, out, tiny_vqgan, steps=2))
+    config = _muse_config(synth_dir, out, tiny_vqgan, steps=2, config="muse_class_shapes.yaml")
     assert "val_ce" in Trainer(config, ds_config(2)).train()
     pipe = load(out)
     assert pipe(class_ids=[0, 6], steps=2, cfg_scale=2.0).images.shape == (2, 3, 16, 16)
