@@ -3,7 +3,7 @@
     t2i data synth --out DIR --num N --size {32,64,128} --seed S
     t2i data import --images DIR --out DIR
     t2i eval --model RUN_DIR [--probe RUN_DIR --num 1000 --seed 0 --inception PATH] --out F
-    t2i generate --model RUN_DIR --prompt "..." [--num 8 --steps 12 --cfg 3 --seed 0] --out F
+    t2i generate --model RUN_DIR --prompt "..." [--num 8 --steps 12 --cfg S --seed 0] --out F
 """
 
 import argparse
@@ -71,17 +71,20 @@ def _generate(args) -> None:
     if not prompts:
         raise ValueError("this model is class-conditional: give --class-id N" if class_mode
                          else "give at least one --prompt")
+    cfg = args.cfg
+    if cfg is None:  # guidance blurs a painter's shapes into blobs: none for painters
+        cfg = None if pipe.layouts is not None else 3.0
     rows = []
     for i, prompt in enumerate(prompts):
         cond = {"class_ids": [prompt] * args.num} if class_mode else {"texts": [prompt] * args.num}
-        out = pipe(**cond, steps=args.steps, cfg_scale=args.cfg, seed=args.seed + 1000 * i,
+        out = pipe(**cond, steps=args.steps, cfg_scale=cfg, seed=args.seed + 1000 * i,
                    schedule=args.schedule, temperature=args.temperature, top_k=args.top_k,
                    critic=critic,
                    negative_texts=[args.negative] * args.num if args.negative else None)
         rows.append(out.images)
     save_grid(rows, args.out, scale=args.scale)
     print(f"wrote {args.out}: {len(rows)} row(s) of {args.num} ({tuple(rows[0].shape[-2:])} px, "
-          f"{args.steps} steps, cfg {args.cfg}, seed {args.seed})")
+          f"{args.steps} steps, cfg {cfg if cfg is not None else 'off'}, seed {args.seed})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--base", help="super-resolution stage: the base stage's run directory")
     gen.add_argument("--num", type=int, default=8, help="images per prompt")
     gen.add_argument("--steps", type=int, default=12, help="decoding steps")
-    gen.add_argument("--cfg", type=float, default=3.0,
-                     help="guidance scale (1: conditional only, 0: unconditional)")
+    gen.add_argument("--cfg", type=float,
+                     help="guidance scale (1: conditional only, 0: unconditional; default 3, "
+                          "and no guidance for a painter on layouts: it blurs their shapes)")
     gen.add_argument("--schedule", default="cosine", choices=("cosine", "arccos", "linear"))
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--top-k", type=int)

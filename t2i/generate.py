@@ -27,6 +27,7 @@ class Generated:
     images: torch.Tensor  # [B, 3, H, W] in [-1, 1]
     tokens: torch.Tensor  # long [B, g, g]
     steps: list[torch.Tensor] | None = None  # token map after each step (mask id = masked)
+    layout: torch.Tensor | None = None  # painters: the layouts painted on, long [B, g, g]
 
     @property
     def pil(self):
@@ -52,14 +53,58 @@ def _minus_gumbel(shape, generator, device) -> torch.Tensor:
     return u.log_().neg_().log_().to(device)
 
 
+def encode_texts(tokenizer, texts: Sequence[str], device, warn: bool = True):
+    """Prompts -> (ids long [B, T], mask bool [B, T]) on `device`; empty prompts are an
+    error, prompts past the tokenizer's length are truncated (with a warning)."""
+    if any(not isinstance(t, str) or not t.strip() for t in texts):
+        raise ValueError("a prompt is empty; every prompt needs some text")
+    ids, cut = [], []
+    for i, t in enumerate(texts):
+        enc, truncated = tokenizer.encode(t)
+        if truncated:
+            cut.append(i)
+        ids.append(enc)
+    if cut and warn:
+        warnings.warn(f"prompt(s) {cut} longer than the model's {tokenizer.max_length} "
+                      f"text tokens: truncated", stacklevel=4)
+    ids, masks = tokenizer.pad(ids)
+    return ids.to(device), masks.to(device)
+
+
+class LayoutDrawer:
+    """Captions (or class ids) -> layouts: each token's segmentation class, drawn by a
+    layout model (MaskGitTransformer with config.layout_model) in one pass, read with its
+    own caption tokenizer."""
+
+    def __init__(self, model, tokenizer=None):
+        if not model.config.layout_model:
+            raise ValueError("LayoutDrawer needs a layout model (training stage 'layout')")
+        self.model, self.tokenizer = model.eval(), tokenizer
+
+    @torch.no_grad()
+    def __call__(self, texts: Sequence[str] | None = None, class_ids=None) -> torch.Tensor:
+        """-> long [B, N] on the model's device."""
+        device = next(self.model.parameters()).device
+        if self.model.config.condition == "text":
+            ids, mask = encode_texts(self.tokenizer, texts, device, warn=False)
+            return self.model.draw_layout(*self.model.condition(text=ids, text_mask=mask))
+        return self.model.draw_layout(*self.model.condition(class_ids=class_ids.to(device)))
+
+
 class MuseGenerator:
     """Text (or class) -> images with a trained MaskGitTransformer, its VQGAN and its
     caption tokenizer. `low`: a super-resolution stage's LowRes (t2i.models.muse), whose
-    tokens come from `base` (another MuseGenerator) or are given."""
+    tokens come from `base` (another MuseGenerator) or are given. `layouts`: a painter's
+    LayoutDrawer, whose layouts it paints on."""
 
-    def __init__(self, model, vqgan, tokenizer=None, *, low=None, base=None, critic=None):
+    def __init__(self, model, vqgan, tokenizer=None, *, low=None, base=None, critic=None,
+                 layouts=None):
         self.model, self.vqgan, self.tokenizer = model.eval(), vqgan.eval(), tokenizer
         self.low, self.base, self.critic = low, base, critic
+        if bool(model.config.layout) != (layouts is not None):
+            raise ValueError("a painter (model.layout) generates with the LayoutDrawer of its "
+                             "layout model, and only a painter does")
+        self.layouts = layouts
         self.transformer_seconds = 0.0  # time inside transformer calls (benchmarks read it)
         self.decode_seconds = 0.0  # time in the VQGAN decoder (tokens -> pixels)
         # True: synchronise CUDA around the timed calls so that the two figures above hold
@@ -69,21 +114,6 @@ class MuseGenerator:
     @property
     def device(self):
         return next(self.model.parameters()).device
-
-    def _texts(self, texts: Sequence[str]):
-        if any(not isinstance(t, str) or not t.strip() for t in texts):
-            raise ValueError("a prompt is empty; every prompt needs some text")
-        ids, masks, cut = [], [], []
-        for i, t in enumerate(texts):
-            enc, truncated = self.tokenizer.encode(t)
-            if truncated:
-                cut.append(i)
-            ids.append(enc)
-        if cut:
-            warnings.warn(f"prompt(s) {cut} longer than the model's {self.tokenizer.max_length} "
-                          f"text tokens: truncated", stacklevel=3)
-        ids, masks = self.tokenizer.pad(ids)
-        return ids.to(self.device), masks.to(self.device)
 
     @torch.no_grad()
     def __call__(self, texts: Sequence[str] | str | None = None, *, class_ids=None,
@@ -155,17 +185,23 @@ class MuseGenerator:
             sl = slice(start, start + batch_size)
             cond = {}
             if c.condition == "text":
-                cond["text"], cond["text_mask"] = self._texts(texts[sl])
+                cond["text"], cond["text_mask"] = encode_texts(self.tokenizer, texts[sl],
+                                                               self.device)
             else:
                 cond["class_ids"] = class_ids[sl].to(self.device)
             if low_res_tokens is not None:
                 cond["low_res"] = low_res_tokens[sl].to(self.device)
             negative = None
             if negative_texts is not None:
-                negative = self._texts(negative_texts[sl])
+                negative = encode_texts(self.tokenizer, negative_texts[sl], self.device)
+            layout = None
+            if self.layouts is not None:  # a painter: the layout first, then the tokens on it
+                layout = self._timed(self.layouts, texts[sl] if texts is not None else None,
+                                     class_ids[sl] if class_ids is not None else None)
             outs.append(self._decode(cond, negative, steps, schedule, temperature,
                                      remask_temperature, top_k, top_p, cfg_scale,
-                                     critic, remask_fixed, generator, return_steps))
+                                     critic, remask_fixed, generator, return_steps, layout)
+                        + (layout,))
         tokens = torch.cat([o[0] for o in outs])
         grid = c.grid
         tokens = tokens.view(-1, grid, grid)
@@ -176,7 +212,10 @@ class MuseGenerator:
         if return_steps:
             history = [torch.cat([o[1][t] for o in outs]).view(-1, grid, grid)
                        for t in range(steps)]
-        return Generated(images=images, tokens=tokens, steps=history)
+        layout = None
+        if self.layouts is not None:
+            layout = torch.cat([o[2] for o in outs]).view(-1, grid, grid)
+        return Generated(images=images, tokens=tokens, steps=history, layout=layout)
 
     def _timed(self, fn, *args, **kwargs):
         """Run a network call (text encoder, transformer, output head), adding its time to
@@ -204,15 +243,14 @@ class MuseGenerator:
         return self._timed(self.model.head, picked), hidden
 
     def _decode(self, cond, negative, steps, schedule, temperature, remask_temperature,
-                top_k, top_p, cfg_scale, critic, remask_fixed, generator, return_steps):
+                top_k, top_p, cfg_scale, critic, remask_fixed, generator, return_steps,
+                layout=None):
         model, device = self.model, self.device
         ctx, ctx_mask = self._timed(model.condition, **cond)
         b, n, v = ctx.shape[0], model.num_tokens, model.config.num_codes
         guided = cfg_scale is not None
-        layout = None
-        if model.config.layout_rows:  # layout first: each token's class from the condition
-            layout = self._timed(model.draw_layout, ctx, ctx_mask)
-            layout = torch.cat([layout, layout]) if guided else layout
+        if layout is not None and guided:  # both halves paint on the same layout
+            layout = torch.cat([layout, layout])
         if guided:  # conditional rows first, then the unconditional (null or negative) ones
             if negative is not None:
                 u_ctx, u_mask = self._timed(model.condition, **{**cond, "text": negative[0],

@@ -4,15 +4,16 @@
     >>> images = pipe(["a red circle above a blue square"], seed=0).images   # [1, 3, 32, 32]
 
 A run's export/ holds everything: the transformer (model.safetensors, config.json), the
-caption tokenizer, and the frozen VQGAN(s) it was trained on (vqgan/, low_res_vqgan/).
-Neither DeepSpeed nor the training code is needed.
+caption tokenizer, the frozen VQGAN(s) it was trained on (vqgan/, low_res_vqgan/) and, for
+a painter, its layout model with that model's caption tokenizer (layout/). Neither
+DeepSpeed nor the training code is needed.
 """
 
 import json
 import os
 
 from t2i.data import load_tokenizer
-from t2i.generate import MuseGenerator
+from t2i.generate import LayoutDrawer, MuseGenerator
 from t2i.models import load_pretrained
 
 
@@ -42,6 +43,9 @@ def load(run_dir: str, *, base: str | None = None, critic: str | None = None,
     if model.config.critic:
         raise ValueError(f"{run_dir} holds a token critic; load its generator and pass "
                          f"critic={run_dir!r}")
+    if model.config.layout_model:
+        raise ValueError(f"{run_dir} holds a layout model; load a painter trained with "
+                         f"model.layout={run_dir!r}")
     vqgan = load_pretrained(os.path.join(path, "vqgan")).to(device)
     tokenizer = load_tokenizer(path)
     low = base_gen = None
@@ -55,4 +59,20 @@ def load(run_dir: str, *, base: str | None = None, critic: str | None = None,
         judge = load_pretrained(_export_dir(critic), expect=MaskGitTransformer).to(device)
         if not judge.config.critic:
             raise ValueError(f"{critic} holds a generator, not a token critic")
-    return MuseGenerator(model, vqgan, tokenizer, low=low, base=base_gen, critic=judge)
+    layouts = load_layouts(os.path.join(path, "layout"), device) if model.config.layout \
+        else None
+    return MuseGenerator(model, vqgan, tokenizer, low=low, base=base_gen, critic=judge,
+                         layouts=layouts)
+
+
+def load_layouts(run_dir: str, device: str = "cpu") -> LayoutDrawer:
+    """The layout model exported under `run_dir` (a layout run, or a painter's export/layout)
+    with its caption tokenizer."""
+    from t2i.models.muse import MaskGitTransformer
+
+    path = _export_dir(run_dir)
+    model = load_pretrained(path, expect=MaskGitTransformer).to(device)
+    if not model.config.layout_model:
+        raise ValueError(f"{run_dir} holds no layout model (training stage 'layout')")
+    tokenizer = load_tokenizer(path) if model.config.condition == "text" else None
+    return LayoutDrawer(model, tokenizer)

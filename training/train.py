@@ -9,8 +9,8 @@ The YAML holds model, data and run settings (t2i/training/config.py documents ev
 the DeepSpeed JSON holds ZeRO stage, precision, micro-batch and accumulation. Overrides
 such as `run.steps=100 model.num_codes=256` change the YAML's values. A run directory with
 a complete checkpoint is resumed automatically (--no-resume starts over and fails if one
-exists). A stage that needs another stage's output (Muse needs its VQGAN) trains that
-one first when it is missing.
+exists). A stage that needs another stage's output (Muse needs its VQGAN; a painter its
+layout model too) trains that one first when it is missing, and so on down.
 """
 
 import argparse
@@ -50,6 +50,23 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def train_missing(model: dict, ds_config: str) -> None:
+    """Train what the stage `model` describes needs and has not been exported yet (e.g. the
+    image tokenizer a transformer is trained on), each one's own needs first."""
+    done = set()
+    while (before := get_family(model["family"]).STAGES.get(
+            model["stage"], Task).prerequisite(model)) is not None:
+        first, _ = load_config(*before)
+        if first.run.out in done:  # trained, and still missing: it exported elsewhere
+            raise ConfigError(f"{first.run.out}: trained from {before[0]} but no exported "
+                              f"model appeared there")
+        done.add(first.run.out)
+        train_missing(first.model, ds_config)
+        log.info("%s has no exported model yet: training it first (%s)", first.run.out,
+                 before[0])
+        Trainer(first, ds_config).train()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -61,14 +78,7 @@ def main(argv=None) -> int:
         if args.resume is False and os.path.isdir(os.path.join(config.run.out, "checkpoints")):
             raise ConfigError(f"--no-resume: {config.run.out} already has checkpoints; "
                               f"choose another run.out or delete them")
-        before = get_family(config.model["family"]).STAGES.get(
-            config.model["stage"], Task).prerequisite(config.model)
-        if before is not None:  # e.g. the image tokenizer a transformer is trained on
-            first, _ = load_config(*before)
-            log.info("%s has no exported model yet: training it first (%s)",
-                     first.run.out, before[0])
-            trained = Trainer(first, ds_config)
-            trained.train()
+        train_missing(config.model, ds_config)
         trainer = Trainer(config, ds_config, resume=args.resume)
     except (ConfigError, ValueError) as e:
         print(f"train.py: config error: {e}", file=sys.stderr)

@@ -70,8 +70,10 @@ class MuseConfig:
     schedule: str = "cosine"  # training mask-ratio schedule (decoding picks its own)
     label_smoothing: float = 0.1
     coverage_weight: float = 0.0  # > 0: also predict each masked token's object coverage
-    layout_rows: int = 0  # > 0: layout first; rows of each micro-batch that learn it
-    # (at most all but one; see MuseTask.losses); generate without guidance
+    layout: str = ""  # a painter: the layout run whose layouts it paints on ("": none);
+    # trained on the true layouts, generated on the layout model's (without guidance)
+    layout_config: str = "training/configs/muse_layout_shapes.yaml"  # trains it when missing
+    layout_model: bool = False  # a layout model (stage "layout"): each token's class
     layout_classes: int = len(SHAPES) + 1  # segmentation classes, background (0) included
     low_res_tokenizer: str = ""  # super-resolution: the low-res stage's VQGAN run ("": base)
     low_res_size: int = 32  # super-resolution: the low-res stage's image side
@@ -122,9 +124,12 @@ class MaskGitTransformer(nn.Module, Pretrained):
                              f"2D sine-cosine features), got {c.dim}")
         if c.local_kernel < 0 or (c.local_kernel and c.local_kernel % 2 == 0):
             raise ValueError(f"model.local_kernel: 0 (off) or an odd size, got {c.local_kernel}")
-        if c.layout_rows < 0 or (c.layout_rows and (c.low_res_codes or c.critic)):
-            raise ValueError("model.layout_rows: >= 0, and only for a base generator (not a "
-                             f"super-resolution stage or a critic), got {c.layout_rows}")
+        if (c.layout or c.layout_model) and (c.low_res_codes or c.critic):
+            raise ValueError("model.layout / layout_model: only for a base stage (not a "
+                             "super-resolution stage or a critic)")
+        if c.layout and c.layout_model:
+            raise ValueError("a layout model draws layouts; it does not paint on one "
+                             "(model.layout must be empty)")
         self.mask_id = c.num_codes
         self.num_tokens = c.grid * c.grid
         self.token_embed = nn.Embedding(c.num_codes + 1, c.dim)
@@ -154,15 +159,16 @@ class MaskGitTransformer(nn.Module, Pretrained):
             self.local = nn.ModuleList(LocalMix(c.dim, c.local_kernel, c.grid // c.patch)
                                        for _ in range(c.depth))
         self.norm = nn.LayerNorm(c.dim)
-        self.head = nn.Linear(c.dim, 1 if c.critic else c.num_codes)
+        outputs = 1 if c.critic else c.layout_classes if c.layout_model else c.num_codes
+        self.head = nn.Linear(c.dim, outputs)
         if c.coverage_weight:  # a training aid: generation never calls it
             self.coverage = nn.Linear(c.dim, 1)
-        if c.layout_rows:  # each token's class in, and out; the extra input id: "unknown"
-            self.unknown_layout = c.layout_classes
-            self.layout_embed = nn.Embedding(c.layout_classes + 1, c.dim)
-            self.layout_head = nn.Linear(c.dim, c.layout_classes)
+        if c.layout:  # a painter: each token's class, embedded and added to its input
+            self.layout_embed = nn.Embedding(c.layout_classes, c.dim)
         if c.critic:
             self.kind = "critic"
+        if c.layout_model:
+            self.kind = "layout"
 
     # ---------------------------------------------------------------- condition
 
@@ -221,14 +227,15 @@ class MaskGitTransformer(nn.Module, Pretrained):
             return self.training_loss(*args, **kwargs)
         if mode == "critic":
             return self.critic_loss(*args, **kwargs)
+        if mode == "layout":
+            return self.layout_loss(*args, **kwargs)
         return self.transformer(*args, **kwargs)
 
     def transformer(self, tokens: torch.Tensor, context: torch.Tensor,
                     context_mask: torch.Tensor, self_cond: torch.Tensor | None = None,
                     return_logits: bool = True, layout: torch.Tensor | None = None):
         """tokens long [B, N] (mask id = num_codes) -> (logits [B, N, V] or None,
-        hidden [B, N, dim]). `layout` long [B, N]: each token's class (`layout_rows`
-        models; `unknown_layout` where it is still to be drawn)."""
+        hidden [B, N, dim]). `layout` long [B, N]: each token's class (painters)."""
         x = self.token_embed(tokens)  # [B, N, dim]
         if layout is not None:
             x = x + self.layout_embed(layout)
@@ -262,18 +269,14 @@ class MaskGitTransformer(nn.Module, Pretrained):
 
     def loss(self, tokens: torch.Tensor, masked: torch.Tensor, context, context_mask,
              self_cond_rows: torch.Tensor | None = None, coverage: torch.Tensor | None = None,
-             return_correct: bool = False, layout: torch.Tensor | None = None,
-             layout_target: torch.Tensor | None = None):
+             return_correct: bool = False, layout: torch.Tensor | None = None):
         """Cross-entropy on the masked positions. tokens long [B, N] (the truth), masked
         bool [B, N]. `self_cond_rows` bool [B]: rows that first run once without gradient
         and see that pass's hidden states. `coverage` float [B, N]: the fraction of each
         token's pixels that show an object (`object_coverage`), which a second head learns
         to predict with `config.coverage_weight` (binary cross-entropy on the masked tokens:
         the objects' outline below token size, whatever their colour and background).
-        `layout` long [B, N]: each token's class as input (`layout_rows` models);
-        `layout_target` float [R, N, layout_classes]: the class mix of each token of the
-        first R rows, which learn the layout instead of the tokens (soft cross-entropy of
-        `layout_head`, added to the loss; their tokens are not scored).
+        `layout` long [B, N]: each token's class as input (painters).
         -> (loss, accuracy on masked tokens), and with `return_correct` the bool [B, N] map
         of the masked tokens the argmax gets right."""
         inputs = torch.where(masked, self.mask_id, tokens)
@@ -286,42 +289,49 @@ class MaskGitTransformer(nn.Module, Pretrained):
         _, hidden = self.transformer(inputs, context, context_mask, self_cond,
                                      return_logits=False, layout=layout)
         targets = torch.where(masked, tokens, -100)
-        rows = 0 if layout_target is None else len(layout_target)
-        targets[:rows] = -100
         loss = linear_cross_entropy(hidden, self.head.weight, targets, bias=self.head.bias,
                                     label_smoothing=self.config.label_smoothing)
-        if rows:
-            log_p = F.log_softmax(self.layout_head(hidden[:rows]).float(), -1)
-            loss = loss - (layout_target.float() * log_p).sum(-1).mean()
-        scored = targets >= 0  # the masked tokens, less the layout rows'
-        picked = hidden[scored]
+        picked = hidden[masked]
         if coverage is not None and self.config.coverage_weight:
             predicted = self.coverage(picked)[:, 0].float()
             loss = loss + self.config.coverage_weight * F.binary_cross_entropy_with_logits(
-                predicted, coverage[scored].float())
+                predicted, coverage[masked].float())
         with torch.no_grad():
-            hits = (picked @ self.head.weight.T + self.head.bias).argmax(-1) == tokens[scored]
+            hits = (picked @ self.head.weight.T + self.head.bias).argmax(-1) == tokens[masked]
             accuracy = hits.float().mean()
         if return_correct:
-            return loss, accuracy, torch.zeros_like(scored).masked_scatter_(scored, hits)
+            return loss, accuracy, torch.zeros_like(masked).masked_scatter_(masked, hits)
         return loss, accuracy
 
     def training_loss(self, tokens, masked, condition: dict, self_cond_rows=None,
-                      coverage=None, layout=None, layout_target=None):
+                      coverage=None, layout=None):
         """The condition (with its dropped rows) and `loss`, in one call."""
         return self.loss(tokens, masked, *self.condition(**condition), self_cond_rows, coverage,
-                         layout=layout, layout_target=layout_target)
+                         layout=layout)
+
+    def layout_logits(self, context, context_mask) -> torch.Tensor:
+        """A layout model's class logits for every token from the condition alone (every
+        image token masked: one pass) -> [B, N, layout_classes]."""
+        if not self.config.layout_model:
+            raise ValueError("layout_logits: this model is not a layout model (stage 'layout')")
+        tokens = torch.full((context.shape[0], self.num_tokens), self.mask_id,
+                            device=context.device)
+        logits, _ = self.transformer(tokens, context, context_mask)
+        return logits
+
+    def layout_loss(self, target: torch.Tensor, condition: dict):
+        """A layout model's loss: soft cross-entropy between each token's class mix `target`
+        float [B, N, C] (`class_mix`) and its predicted classes. -> (loss, accuracy of the
+        argmax against each token's majority class)."""
+        logits = self.layout_logits(*self.condition(**condition)).float()
+        loss = -(target.float() * F.log_softmax(logits, -1)).sum(-1).mean()
+        accuracy = (logits.argmax(-1) == target.argmax(-1)).float().mean()
+        return loss, accuracy.detach()
 
     @torch.no_grad()
     def draw_layout(self, context, context_mask) -> torch.Tensor:
-        """`layout_rows` models: each token's most likely class from the condition alone
-        (one pass, every image token masked, the layout unknown) -> long [B, N]."""
-        b = context.shape[0]
-        tokens = torch.full((b, self.num_tokens), self.mask_id, device=context.device)
-        unknown = torch.full_like(tokens, self.unknown_layout)
-        _, hidden = self.transformer(tokens, context, context_mask, return_logits=False,
-                                     layout=unknown)
-        return self.layout_head(hidden).argmax(-1)
+        """A layout model's layout: each token's most likely class -> long [B, N]."""
+        return self.layout_logits(context, context_mask).argmax(-1)
 
     def critic_loss(self, tokens, sampled: torch.Tensor, condition: dict):
         """Critic: binary cross-entropy of "this token was sampled, not the original" over
@@ -450,6 +460,9 @@ class MuseTask(Task):
         if tokenizer is not None:
             config.text_vocab = config.text_vocab or tokenizer.vocab_size
             config.text_length = config.text_length or tokenizer.max_length
+        self.layouts = None  # a painter's layout model (t2i.generate.LayoutDrawer)
+        if config.layout:
+            self.layouts = _load_layouts(config)
         self.low = None
         if config.low_res_tokenizer:
             self.low = LowRes(_load_tokenizer(config.low_res_tokenizer, VQGAN),
@@ -462,11 +475,15 @@ class MuseTask(Task):
 
     @classmethod
     def prerequisite(cls, model: dict):
+        """The VQGAN first, then (painters) the layout model, each when it is missing."""
         path = model.get("tokenizer", MuseConfig.tokenizer)
-        if os.path.exists(os.path.join(path, "export", "config.json")) or \
-                os.path.exists(os.path.join(path, "config.json")):
-            return None
-        return model.get("tokenizer_config", MuseConfig.tokenizer_config), [f"run.out={path}"]
+        if not _exported(path):
+            return model.get("tokenizer_config", MuseConfig.tokenizer_config), [f"run.out={path}"]
+        layout = model.get("layout", MuseConfig.layout)
+        if layout and not _exported(layout):
+            return model.get("layout_config", MuseConfig.layout_config), [
+                f"run.out={layout}", f"model.tokenizer={path}"]
+        return None
 
     def _tokens(self, images: torch.Tensor) -> torch.Tensor:
         self.vqgan.to(images.device)
@@ -497,45 +514,42 @@ class MuseTask(Task):
         coverage = None
         if self.config.coverage_weight:
             coverage = object_coverage(batch.get("seg"), self.config.grid).to(device)
-        layout = target = None
-        if self.config.layout_rows:
-            # layout first: the first rows learn each token's class from the caption alone
-            # (every image token masked, the layout unknown, never the null condition); the
-            # others learn to paint tokens on the true layout
-            if b < 2:
-                raise ValueError("model.layout_rows needs micro-batches of at least 2 samples "
-                                 "(layout rows and painting rows)")
-            mix, layout = self._layout(batch)
-            r = min(self.config.layout_rows, b - 1)  # at least one row paints
-            target = mix[:r]
-            layout[:r] = self.model.unknown_layout
-            masked[:r] = True
-            drop[:r] = False
+        layout = self._layout(batch)[1] if self.config.layout else None  # painters: the truth
         loss, accuracy = engines["model"](tokens, masked, self._inputs(batch, drop, True), sc,
-                                          coverage, layout, target, mode="loss")
+                                          coverage, layout, mode="loss")
         yield "model", loss, {"ce": loss.item(), "accuracy": accuracy.item(),
                               "masked": masked.float().mean().item()}
 
     def _layout(self, batch):
         """-> (class mix [B, N, C], each token's majority class long [B, N]) from the maps."""
         if not has_segmentation(batch.get("seg")):
-            raise ValueError("model.layout_rows needs the segmentation maps of every training "
-                             "image (seg.png in the shards); this data set has none")
+            raise ValueError("layout models and painters (model.layout) need the segmentation "
+                             "maps of every image (seg.png in the shards); this data set has "
+                             "none")
         mix = class_mix(batch["seg"], self.config.grid, self.config.layout_classes)
         mix = mix.to(batch["image"].device)
         return mix, mix.argmax(-1)
 
     @torch.no_grad()
     def samples(self, model, batch):
-        """Rows: real images; generated for their captions (seed 0, CFG 3); the same, no CFG."""
+        """Rows: real images; generated for their captions (seed 0, CFG 3); the same, no CFG.
+        Painters: real images, their layouts, the layout model's layouts for their captions,
+        the images painted on those without guidance."""
         from t2i.generate import MuseGenerator
 
-        gen = MuseGenerator(model, self.vqgan, self.tokenizer, low=self.low)
+        gen = MuseGenerator(model, self.vqgan, self.tokenizer, low=self.low,
+                            layouts=self.layouts)
         n = min(8, len(batch["image"]))
         cond = {"class_ids": class_labels(batch)[:n]} if self.config.condition == "class" \
             else {"texts": batch["caption"][:n]}
         extra = {"low_res_images": batch["image"][:n]} if self.low is not None else {}
         rows = [batch["image"][:n]]
+        if self.layouts is not None:
+            out = gen(**cond, seed=0)
+            size = batch["image"].shape[-1]
+            true = self._layout(batch)[1][:n].view(n, self.config.grid, self.config.grid)
+            return rows + [layout_picture(true, size), layout_picture(out.layout, size),
+                           out.images]
         for cfg in (3.0, None):
             rows.append(gen(**cond, **extra, seed=0, cfg_scale=cfg).images)
         return rows
@@ -549,15 +563,15 @@ class MuseTask(Task):
         losses, accs, hits, counts = [], [], 0, 0
         shape_nll = [0.0, 0.0, 0]  # true word, swapped word, object tokens
         # text-only base stages (a super-resolution stage also sees the shape itself)
-        # (and not layout-first models: their tokens follow the layout, drawn separately)
+        # (and not painters: their tokens follow the layout, drawn by another model)
         shape_word = self.config.condition == "text" and self.tokenizer is not None and \
-            self.low is None and not self.config.layout_rows
+            self.low is None and not self.config.layout
         for batch in batches:
             tokens = self._tokens(batch["image"])
             masked = random_mask(*tokens.shape, self.config.schedule, "cpu", g).to(tokens.device)
             ctx = model.condition(**self._inputs(batch))
-            # layout-first models paint on the true layout here: this scores the painter
-            layout = self._layout(batch)[1] if self.config.layout_rows else None
+            # painters paint on the true layout here: this scores the painter alone
+            layout = self._layout(batch)[1] if self.config.layout else None
             loss, acc, correct = model.loss(tokens, masked, *ctx, return_correct=True,
                                             layout=layout)
             losses.append(float(loss))
@@ -586,6 +600,11 @@ class MuseTask(Task):
             save_pretrained(self.low.vqgan, os.path.join(path, "low_res_vqgan"),
                             family="vqgan", stage="tokenizer",
                             extra={"image_size": self.low.size})
+        if self.layouts is not None:  # the layout model and its caption tokenizer
+            save_pretrained(self.layouts.model, os.path.join(path, "layout"), family="muse",
+                            stage="layout")
+            if self.layouts.tokenizer is not None:
+                self.layouts.tokenizer.save(os.path.join(path, "layout"))
 
 
 class LowRes:
@@ -602,6 +621,38 @@ class LowRes:
         self.vqgan.to(images.device)
         small = F.interpolate(images.float(), size=(self.size, self.size), mode="area")
         return self.vqgan.encode(small).flatten(1)
+
+
+def layout_picture(layout: torch.Tensor, size: int) -> torch.Tensor:
+    """Layouts long [B, g, g] -> pictures [B, 3, size, size] in [-1, 1], a colour a class."""
+    from t2i.models.vqseg import colourise
+
+    return F.interpolate(colourise(layout), size=(size, size), mode="nearest")
+
+
+def _exported(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "export", "config.json")) or \
+        os.path.exists(os.path.join(path, "config.json"))
+
+
+def _load_layouts(config: MuseConfig):
+    """A painter's layout model, checked against the painter's grid, classes and condition."""
+    from t2i.pipelines import load_layouts
+
+    try:
+        layouts = load_layouts(config.layout)
+    except FileNotFoundError:
+        raise ValueError(f"model.layout: {config.layout} has no exported layout model; train "
+                         f"it first (train.py does so itself from model.layout_config)") from None
+    c = layouts.model.config
+    if (c.grid, c.layout_classes, c.condition) != \
+            (config.grid, config.layout_classes, config.condition):
+        raise ValueError(f"model.layout: {config.layout} draws {c.grid}x{c.grid} layouts of "
+                         f"{c.layout_classes} classes from a {c.condition} condition; this "
+                         f"painter needs {config.grid}x{config.grid}, {config.layout_classes} "
+                         f"and {config.condition}")
+    layouts.model.requires_grad_(False)
+    return layouts
 
 
 def _load_tokenizer(path: str, expect):
@@ -678,5 +729,54 @@ class CriticTask(MuseTask):
         return {"val_accuracy": sum(accs) / len(accs)}
 
 
+class LayoutTask(MuseTask):
+    """A layout model: each token's segmentation class (background or a shape) from the
+    caption alone, every image token masked, one pass. A painter (`model.layout`) paints
+    image tokens on its layouts."""
+
+    stage = "layout"
+
+    def __init__(self, config: MuseConfig, data, tokenizer=None):
+        config.layout_model = True
+        super().__init__(config, data, tokenizer)
+
+    def losses(self, engines, batch, step):
+        mix = self._layout(batch)[0]
+        loss, accuracy = engines["model"](mix, self._inputs(batch, training=True), mode="layout")
+        yield "model", loss, {"ce": loss.item(), "accuracy": accuracy.item()}
+
+    @torch.no_grad()
+    def samples(self, model, batch):
+        """Rows: real images, their layouts, the layouts drawn for their captions."""
+        n, size = min(8, len(batch["image"])), batch["image"].shape[-1]
+        g = self.config.grid
+        drawn = model.draw_layout(*model.condition(**self._inputs(batch)))[:n]
+        true = self._layout(batch)[1][:n]
+        return [batch["image"][:n], layout_picture(true.view(n, g, g), size),
+                layout_picture(drawn.view(n, g, g), size)]
+
+    @torch.no_grad()
+    def evaluate(self, model, batches):
+        """Soft cross-entropy against the class mixes; the argmax's accuracy against each
+        token's majority class over all tokens and over the tokens an object holds (what
+        carries the shapes: a few percent of them)."""
+        ce, hits, count, object_hits, objects = 0.0, 0, 0, 0, 0
+        for batch in batches:
+            mix, true = self._layout(batch)
+            logits = model.layout_logits(*model.condition(**self._inputs(batch))).float()
+            ce += float(-(mix * F.log_softmax(logits, -1)).sum())
+            right = logits.argmax(-1) == true
+            hits, count = hits + int(right.sum()), count + true.numel()
+            object_hits, objects = object_hits + int(right[true > 0].sum()), \
+                objects + int((true > 0).sum())
+        out = {"val_ce": ce / count, "val_accuracy": hits / count}
+        if objects:
+            out["val_object_accuracy"] = object_hits / objects
+        return out
+
+    def export(self, path: str) -> None:
+        """Nothing beside the model: a painter exports it with its own run."""
+
+
 CONFIG, MODEL = MuseConfig, MaskGitTransformer
-STAGES = {"transformer": MuseTask, "critic": CriticTask}
+STAGES = {"transformer": MuseTask, "critic": CriticTask, "layout": LayoutTask}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from t2i.data import ByteTokenizer
-from t2i.generate import MuseGenerator, masked_counts
+from t2i.generate import LayoutDrawer, MuseGenerator, masked_counts
 from t2i.models.muse import (
     LocalMix,
     MaskGitTransformer,
@@ -124,54 +124,87 @@ def test_class_mix_is_each_tokens_share_of_every_class():
         class_mix(seg, 2, 2)  # class 2 does not fit two classes
 
 
-def test_layout_first_rows_learn_the_layout_and_the_rest_paint_on_it():
-    model = _model(layout_rows=1, layout_classes=3).train()
+def test_a_layout_model_learns_each_tokens_class_mix_from_the_caption_alone():
+    model = _model(layout_model=True, layout_classes=3).train()
+    assert model.head.out_features == 3 and model.kind == "layout"
+    ids, mask = TOKENIZER(["a red circle on the left", "a small blue ring at the top"])
+    target = torch.softmax(torch.randn(2, 16, 3, generator=torch.Generator().manual_seed(5)),
+                           -1)
+    loss, accuracy = model(target, {"text": ids, "text_mask": mask}, mode="layout")
+    # by hand: every image token masked, the head's soft cross-entropy against the mixes
+    ctx = model.condition(text=ids, text_mask=mask)
+    logits, _ = model.transformer(torch.full((2, 16), model.mask_id), *ctx)
+    soft = -(target * torch.log_softmax(logits, -1)).sum(-1).mean()
+    torch.testing.assert_close(loss, soft, rtol=1e-4, atol=1e-5)
+    right = (logits.argmax(-1) == target.argmax(-1)).float().mean()
+    torch.testing.assert_close(accuracy, right)
+    loss.backward()
+    assert model.head.weight.grad.abs().sum() > 0 and model.text.embed.weight.grad is not None
+    assert torch.equal(model.draw_layout(*ctx), logits.argmax(-1))
+    for bad in ({"layout": "runs/x"}, {"critic": True}, {"low_res_codes": 16, "low_res_grid": 2}):
+        with pytest.raises(ValueError, match="layout"):
+            _model(layout_model=True, **bad)
+    with pytest.raises(ValueError, match="not a layout model"):
+        _model().draw_layout(*ctx)
+
+
+def test_a_painter_paints_on_the_layout_it_is_given():
+    model = _model(layout="runs/layout", layout_classes=3).train()
     ids, mask = TOKENIZER(["a red circle on the left", "a small blue ring at the top"])
     g = torch.Generator().manual_seed(5)
     tokens = torch.randint(0, 16, (2, 16), generator=g)
     masked = torch.rand(2, 16, generator=g) < 0.6
-    masked[0] = True  # the layout row: every image token masked
     layout = torch.randint(0, 3, (2, 16), generator=g)
-    layout[0] = model.unknown_layout
-    target = torch.softmax(torch.randn(1, 16, 3, generator=g), -1)
     ctx = model.condition(text=ids, text_mask=mask)
-    loss, _ = model.loss(tokens, masked, *ctx, layout=layout, layout_target=target)
-    # by hand: the token loss on row 1's masked tokens only, plus the layout's soft CE on row 0
-    _, hidden = model.transformer(torch.where(masked, model.mask_id, tokens), *ctx,
-                                  layout=layout)
-    ce = torch.nn.functional.cross_entropy(model.head(hidden[1, masked[1]]),
-                                           tokens[1, masked[1]], label_smoothing=0.1)
-    soft = -(target[0] * torch.log_softmax(model.layout_head(hidden[0]), -1)).sum(-1).mean()
-    torch.testing.assert_close(loss, ce + soft, rtol=1e-4, atol=1e-5)
+    loss, _ = model.loss(tokens, masked, *ctx, layout=layout)
+    # by hand: each token's class embedded and added to its input, the usual token loss
+    x = model.token_embed(torch.where(masked, model.mask_id, tokens)) + model.layout_embed(layout)
+    model.token_embed.forward = lambda _: x  # the embedding with the layout added, by hand
+    _, hidden = model.transformer(tokens, *ctx)
+    del model.token_embed.forward
+    ce = torch.nn.functional.cross_entropy(model.head(hidden[masked]), tokens[masked],
+                                           label_smoothing=0.1)
+    torch.testing.assert_close(loss, ce, rtol=1e-4, atol=1e-5)
     loss.backward()
-    assert model.layout_head.weight.grad.abs().sum() > 0
-    assert model.layout_embed.weight.grad[[0, 1, 2, model.unknown_layout]].abs().sum(1).gt(0).all()
-    other = layout.clone()
-    other[1] = (other[1] + 1) % 3  # the painter reads the layout it is given
-    changed, _ = model.loss(tokens, masked, *ctx, layout=other, layout_target=target)
+    assert model.layout_embed.weight.grad.abs().sum(1).gt(0).all()
+    other = (layout + 1) % 3
+    changed, _ = model.loss(tokens, masked, *ctx, layout=other)
     assert not torch.isclose(changed, loss)
-    with pytest.raises(ValueError, match="layout_rows"):
-        _model(layout_rows=1, critic=True)
+    with pytest.raises(ValueError, match="layout"):
+        _model(layout="runs/layout", critic=True)
 
 
-def test_layout_first_generation_draws_the_layout_once_and_paints_every_step_on_it(
+def test_a_painter_generates_on_the_layouts_its_layout_model_draws_once_a_batch(
         vqgan, monkeypatch):
-    model = _model(layout_rows=1, layout_classes=3)
+    layouts = LayoutDrawer(_model(layout_model=True, layout_classes=3), TOKENIZER)
+    model = _model(layout="runs/layout", layout_classes=3)
     drawn, seen = [], []
-    draw, transformer = model.draw_layout, model.transformer
-    monkeypatch.setattr(model, "draw_layout", lambda *a: drawn.append(draw(*a)) or drawn[-1])
+    draw, transformer = layouts.model.draw_layout, model.transformer
+    monkeypatch.setattr(layouts.model, "draw_layout",
+                        lambda *a: drawn.append(draw(*a)) or drawn[-1])
     monkeypatch.setattr(model, "transformer",
                         lambda *a, **kw: seen.append(kw.get("layout")) or transformer(*a, **kw))
-    gen = MuseGenerator(model, vqgan, TOKENIZER)
-    texts = ["a large red circle on the left", "a small blue ring"]
-    out = gen(texts, steps=4, cfg_scale=2.0, seed=0)
-    assert len(drawn) == 1 and drawn[0].shape == (2, 16)
-    assert 0 <= int(drawn[0].min()) and int(drawn[0].max()) < 3  # classes, never "unknown"
-    assert len(seen) == 1 + 4  # draw_layout's own pass, then one per step
-    assert all(torch.equal(s, torch.cat([drawn[0], drawn[0]])) for s in seen[1:])
-    assert torch.equal(out.tokens, gen(texts, steps=4, cfg_scale=2.0, seed=0).tokens)
+    gen = MuseGenerator(model, vqgan, TOKENIZER, layouts=layouts)
+    texts = ["a large red circle on the left", "a small blue ring", "a green cross"]
+    out = gen(texts, steps=4, cfg_scale=2.0, seed=0, batch_size=2)
+    assert [d.shape for d in drawn] == [(2, 16), (1, 16)]  # once a batch
+    assert 0 <= int(drawn[0].min()) and int(drawn[0].max()) < 3
+    assert len(seen) == 2 * 4  # one painter call a step, both halves of guidance in it
+    assert all(torch.equal(s, torch.cat([drawn[0], drawn[0]])) for s in seen[:4])
+    assert all(torch.equal(s, torch.cat([drawn[1], drawn[1]])) for s in seen[4:])
+    assert torch.equal(out.layout, torch.cat(drawn).view(3, 4, 4))
+    again = gen(texts, steps=4, cfg_scale=2.0, seed=0, batch_size=2)
+    assert torch.equal(out.tokens, again.tokens)
     monkeypatch.setenv("T2I_KERNEL_BACKEND", "reference")
-    assert torch.equal(out.tokens, gen(texts, steps=4, cfg_scale=2.0, seed=0).tokens)
+    assert torch.equal(out.tokens, gen(texts, steps=4, cfg_scale=2.0, seed=0,
+                                       batch_size=2).tokens)
+    assert gen(texts[:1], steps=2, seed=0).layout.shape == (1, 4, 4)  # no guidance too
+    with pytest.raises(ValueError, match="painter"):
+        MuseGenerator(model, vqgan, TOKENIZER)  # a painter without its layout model
+    with pytest.raises(ValueError, match="painter"):
+        MuseGenerator(_model(), vqgan, TOKENIZER, layouts=layouts)
+    with pytest.raises(ValueError, match="layout model"):
+        LayoutDrawer(_model(), TOKENIZER)
 
 
 def test_shape_word_nll_compares_the_caption_with_its_shape_swapped(monkeypatch):

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from t2i.cli import main
-from t2i.pipelines import load
+from t2i.pipelines import load, load_layouts
 from t2i.training.config import ConfigError, load_config
 from t2i.training.loop import Trainer
 from tests.training.conftest import (
@@ -118,48 +118,82 @@ def test_a_super_resolution_stage_trains_on_the_base_tokens_and_chains(
         load(sr)(["a red circle"], steps=2)
 
 
-@pytest.mark.slow
-def test_train_py_trains_the_missing_tokenizer_first_then_muse_on_two_ranks(
-        synth_dir, ds_config, tmp_path):
-    vq_config = tmp_path / "vqgan_tiny.yaml"
-    raw = yaml.safe_load(open(os.path.join(REPO, "training", "configs", "vqgan_shapes.yaml")))
-    for override in tiny_overrides("vqgan", synth_dir, "unused", steps=2):
+def _write_config(path, config: str, overrides: list[str], **model) -> str:
+    """training/configs/`config` with `overrides` and `model` written into a YAML at `path`
+    (train.py reads a prerequisite's settings from its file)."""
+    raw = yaml.safe_load(open(os.path.join(REPO, "training", "configs", config)))
+    for override in overrides:
         key, value = override.split("=", 1)
         section, name = key.split(".")
         raw[section][name] = yaml.safe_load(value)
-    raw["model"].update(disc_weight=0.0, perceptual="none")  # as vqgan16_shapes.yaml: ZeRO-3 ok
-    vq_config.write_text(yaml.safe_dump(raw))
+    raw["model"].update(model)
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_train_py_trains_the_missing_tokenizer_and_layout_model_first_then_the_painter(
+        synth_dir, ds_config, tmp_path):
+    vq_config = _write_config(  # as vqgan16_shapes.yaml: ZeRO-3 ok
+        tmp_path / "vqgan_tiny.yaml", "vqgan_shapes.yaml",
+        tiny_overrides("vqgan", synth_dir, "unused", steps=2), disc_weight=0.0,
+        perceptual="none")
     out, tokenizer = str(tmp_path / "muse"), str(tmp_path / "muse" / "vqgan")
+    layout, layout_config = str(tmp_path / "muse" / "layout"), _write_config(
+        tmp_path / "layout_tiny.yaml", "muse_layout_shapes.yaml",
+        _muse_overrides(synth_dir, "unused", "unused", steps=2))
     args = ["--config", os.path.join(REPO, "training", "configs", "muse_shapes.yaml"),
             "--deepspeed_config", ds_config(3), *_muse_overrides(synth_dir, out, tokenizer),
-            f"model.tokenizer_config={vq_config}",
+            f"model.tokenizer_config={vq_config}", f"model.layout={layout}",
+            f"model.layout_config={layout_config}",
             "model.coverage_weight=0.5"]  # its head too is partitioned by ZeRO-3
     result = subprocess.run(train_command(*args, processes=2), cwd=REPO, capture_output=True,
                             text=True, timeout=600, env=clean_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert os.path.exists(os.path.join(tokenizer, "export", "model.safetensors"))
-    assert os.path.exists(os.path.join(out, "export", "vqgan", "model.safetensors"))
+    for run in (tokenizer, layout):
+        assert os.path.exists(os.path.join(run, "export", "model.safetensors"))
+    assert json.load(open(os.path.join(layout, "export", "config.json")))["stage"] == "layout"
+    for part in ("vqgan", "layout"):
+        assert os.path.exists(os.path.join(out, "export", part, "model.safetensors"))
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert rows[-1]["step"] == 4 and "val/val_ce" in rows[-1]
     assert load(out)(["a red circle"], steps=2).images.shape == (1, 3, 16, 16)
 
 
 @pytest.mark.slow
-def test_a_layout_first_run_learns_layouts_paints_on_them_and_generates(
-        tiny_vqgan, synth_dir, ds_config, tmp_path):
-    out = str(tmp_path / "layout")
-    config = _muse_config(synth_dir, out, tiny_vqgan, "model.layout_rows=2", steps=2)
-    trainer = Trainer(config, ds_config(2))
+def test_a_layout_model_then_a_painter_on_its_layouts_train_export_and_generate(
+        tiny_vqgan, synth_dir, ds_config, tmp_path, capsys):
+    layout_out, out = str(tmp_path / "layout"), str(tmp_path / "painter")
+    config = _muse_config(synth_dir, layout_out, tiny_vqgan, steps=2,
+                          config="muse_layout_shapes.yaml")
+    metrics = Trainer(config, ds_config(2)).train()
+    assert metrics["val_ce"] > 0 and 0 <= metrics["val_object_accuracy"] <= 1
+    assert os.path.exists(os.path.join(layout_out, "samples", "step_000002.png"))
+    with pytest.raises(ValueError, match="holds a layout model"):
+        load(layout_out)
+    trainer = Trainer(_muse_config(synth_dir, out, tiny_vqgan, f"model.layout={layout_out}",
+                                   steps=2), ds_config(2))
     metrics = trainer.train()
     assert metrics["val_ce"] > 0 and 0 <= metrics["val_object_accuracy"] <= 1
     assert "val_shape_word_gain" not in metrics  # tokens follow the layout, not the words
+    for name in ("model.safetensors", "t2i_tokenizer.json"):
+        assert os.path.exists(os.path.join(out, "export", "layout", name))
     pipe = load(out)
-    assert pipe.model.config.layout_rows == 2
-    images = pipe(["a large red circle on the left"], seed=0, steps=3).images
-    assert images.shape == (1, 3, 16, 16)
+    prompts = ["a large red circle on the left", "a small blue ring"]
+    generated = pipe(prompts, seed=0, steps=3)
+    assert generated.images.shape == (2, 3, 16, 16)
+    assert torch.equal(generated.layout.flatten(1), load_layouts(layout_out)(prompts))
+    grid = tmp_path / "grid.png"
+    assert main(["generate", "--model", out, "--prompt", prompts[0], "--num", "2", "--steps",
+                 "2", "--out", str(grid)]) == 0
+    assert grid.exists() and "cfg off" in capsys.readouterr().out  # painters: no guidance
+    assert os.path.exists(os.path.join(out, "samples", "step_000002.png"))
     batch = {"image": torch.zeros(1, 3, 16, 16), "seg": torch.full((1, 16, 16), -1)}
     with pytest.raises(ValueError, match="segmentation maps"):
         trainer.task._layout(batch)
+    with pytest.raises(ValueError, match="no exported layout model"):
+        Trainer(_muse_config(synth_dir, str(tmp_path / "p2"), tiny_vqgan,
+                             f"model.layout={tmp_path / 'nothing'}", steps=2), ds_config(2))
 
 
 def test_muse_without_its_tokenizer_is_a_clear_error(synth_dir, ds_config, tmp_path):
