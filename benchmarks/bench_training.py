@@ -116,7 +116,7 @@ def vqgan16(tmp_path_factory):
 @pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
 def bench_muse_training(benchmark, record, scenes, vqgan16, tmp_path, stage):
     benchmark.group = "training: Muse base (muse_shapes.yaml model, fp32, batch 32, 32 px)"
-    overrides = [f"model.tokenizer={vqgan16}", f"data.path={scenes}",
+    overrides = [f"model.tokenizer={vqgan16}", "model.layout=", f"data.path={scenes}",
                  f"run.out={tmp_path / 'run'}", "run.progress=false", "data.workers=0",
                  "data.val_batches=1"]
     ds = {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1,

@@ -167,9 +167,11 @@ class MuseGenerator:
         if self.low is not None and low_res_tokens is None:
             if low_res_images is not None:
                 low_res_tokens = self.low.tokens(low_res_images.to(self.device))
-            elif self.base is not None:
+            elif self.base is not None:  # a painter base decodes without guidance, which
+                # blurs its shapes; another base with this call's guidance
+                base_cfg = None if self.base.layouts is not None else cfg_scale
                 low_res_tokens = self.base(texts, class_ids=class_ids, steps=steps,
-                                           cfg_scale=cfg_scale, generator=generator,
+                                           cfg_scale=base_cfg, generator=generator,
                                            negative_texts=negative_texts,
                                            batch_size=batch_size).tokens.flatten(1)
             else:

@@ -675,10 +675,15 @@ class CriticTask(MuseTask):
         config.critic = True
         self.base = load_pretrained(config.base, expect=MaskGitTransformer)
         self.base.requires_grad_(False)
-        config.tokenizer = os.path.join(config.base, "export", "vqgan") \
-            if os.path.isdir(os.path.join(config.base, "export")) else \
-            os.path.join(config.base, "vqgan")
+        export = os.path.join(config.base, "export")
+        export = export if os.path.isdir(export) else config.base
+        config.tokenizer = os.path.join(export, "vqgan")
         super().__init__(config, data, tokenizer)
+        self.base_layouts = None  # a painter base: true layouts here, its layout model's in
+        if self.base.config.layout:  # the sample grids
+            from t2i.pipelines import load_layouts
+
+            self.base_layouts = load_layouts(os.path.join(export, "layout"))
         if self.base.config.text_vocab != config.text_vocab:
             raise ValueError("the critic reads captions with another tokenizer than its base: "
                              "set data.tokenizer to the base run's export folder")
@@ -693,9 +698,8 @@ class CriticTask(MuseTask):
         masked = random_mask(b, n, self.config.schedule, tokens.device)
         cond = self._inputs(batch, training=True)
         with torch.no_grad():
-            self.base.to(tokens.device)
-            logits, _ = self.base(torch.where(masked, self.base.mask_id, tokens),
-                                  *self.base.condition(**cond))
+            logits = self._base_logits(torch.where(masked, self.base.mask_id, tokens), batch,
+                                       cond)
             drawn = torch.distributions.Categorical(logits=logits.float()).sample()
         mixed = torch.where(masked, drawn, tokens)
         sampled = masked & (drawn != tokens)
@@ -703,14 +707,22 @@ class CriticTask(MuseTask):
         yield "model", loss, {"bce": loss.item(), "accuracy": accuracy.item(),
                               "sampled": sampled.float().mean().item()}
 
+    def _base_logits(self, inputs, batch, cond):
+        """The base generator's logits for a partly masked map (a painter's: on the true
+        layout)."""
+        layout = self._layout(batch)[1] if self.base.config.layout else None
+        self.base.to(inputs.device)
+        return self.base(inputs, *self.base.condition(**cond), layout=layout)[0]
+
     @torch.no_grad()
     def samples(self, model, batch):
         from t2i.generate import MuseGenerator
 
-        gen = MuseGenerator(self.base, self.vqgan, self.tokenizer)
+        gen = MuseGenerator(self.base, self.vqgan, self.tokenizer, layouts=self.base_layouts)
         texts = batch["caption"][:8]
-        return [batch["image"][:8], gen(texts, seed=0, cfg_scale=3.0).images,
-                gen(texts, seed=0, cfg_scale=3.0, critic=model).images]
+        cfg = None if self.base_layouts is not None else 3.0  # painters: no guidance
+        return [batch["image"][:8], gen(texts, seed=0, cfg_scale=cfg).images,
+                gen(texts, seed=0, cfg_scale=cfg, critic=model).images]
 
     @torch.no_grad()
     def evaluate(self, model, batches):
@@ -720,9 +732,8 @@ class CriticTask(MuseTask):
             tokens = self._tokens(batch["image"])
             masked = random_mask(*tokens.shape, self.config.schedule, "cpu", g)
             cond = self._inputs(batch)
-            logits, _ = self.base.to(tokens.device)(
-                torch.where(masked, self.base.mask_id, tokens), *self.base.condition(**cond))
-            drawn = logits.argmax(-1)
+            drawn = self._base_logits(torch.where(masked, self.base.mask_id, tokens), batch,
+                                      cond).argmax(-1)
             sampled = masked & (drawn != tokens)
             _, acc = model.critic_loss(torch.where(masked, drawn, tokens), sampled, cond)
             accs.append(float(acc))

@@ -135,7 +135,8 @@ def from_dict(cls, data: dict | None, prefix: str):
 
 
 def apply_override(raw: dict, override: str) -> None:
-    """`section.key=value` (value parsed as YAML) into the raw config mapping."""
+    """`section.key=value` (value parsed as YAML; nothing after '=': the empty string) into
+    the raw config mapping."""
     if "=" not in override:
         raise ConfigError(f"override {override!r}: expected key=value, e.g. run.steps=100")
     path, value = override.split("=", 1)
@@ -145,7 +146,7 @@ def apply_override(raw: dict, override: str) -> None:
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {k} is not a section")
-    node[keys[-1]] = yaml.safe_load(value)
+    node[keys[-1]] = yaml.safe_load(value) if value.strip() else ""
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> tuple[TrainConfig, dict]:

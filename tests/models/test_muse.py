@@ -11,6 +11,7 @@ from t2i.data import ByteTokenizer
 from t2i.generate import LayoutDrawer, MuseGenerator, masked_counts
 from t2i.models.muse import (
     LocalMix,
+    LowRes,
     MaskGitTransformer,
     MuseConfig,
     class_mix,
@@ -199,6 +200,11 @@ def test_a_painter_generates_on_the_layouts_its_layout_model_draws_once_a_batch(
     assert torch.equal(out.tokens, gen(texts, steps=4, cfg_scale=2.0, seed=0,
                                        batch_size=2).tokens)
     assert gen(texts[:1], steps=2, seed=0).layout.shape == (1, 4, 4)  # no guidance too
+    seen.clear()  # a super-resolution stage on the painter: its base runs without guidance
+    sr = MuseGenerator(_model(low_res_codes=16, low_res_grid=4), vqgan, TOKENIZER,
+                       low=LowRes(vqgan, 16), base=gen)
+    assert sr(texts[:1], steps=2, cfg_scale=2.0, seed=0).images.shape == (1, 3, 16, 16)
+    assert [s.shape for s in seen] == [(1, 16)] * 2
     with pytest.raises(ValueError, match="painter"):
         MuseGenerator(model, vqgan, TOKENIZER)  # a painter without its layout model
     with pytest.raises(ValueError, match="painter"):

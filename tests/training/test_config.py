@@ -39,9 +39,11 @@ def test_bad_configs_name_the_key(tmp_path, text, overrides, message):
 
 
 def test_overrides_reach_nested_values_with_yaml_types(tmp_path):
-    config = _load(tmp_path, GOOD, "run.steps=7", "run.betas=[0.8, 0.95]", "model.num_codes=64")
+    config = _load(tmp_path, GOOD, "run.steps=7", "run.betas=[0.8, 0.95]", "model.num_codes=64",
+                   "model.tokenizer=")
     assert config.run.steps == 7 and config.run.betas == (0.8, 0.95)
     assert config.model["num_codes"] == 64
+    assert config.model["tokenizer"] == ""  # nothing after '=': the empty string, not None
 
 
 def test_every_shipped_config_loads():

@@ -13,7 +13,7 @@ import yaml
 
 from t2i.cli import main
 from t2i.pipelines import load, load_layouts
-from t2i.training.config import ConfigError, load_config
+from t2i.training.config import ConfigError, apply_override, load_config
 from t2i.training.loop import Trainer
 from tests.training.conftest import (
     REPO,
@@ -32,7 +32,7 @@ TINY_MUSE = ["model.dim=32", "model.depth=2", "model.heads=4", "model.text_dim=3
 def _muse_overrides(data, out, tokenizer, steps=4):
     run = {"out": out, "steps": steps, "warmup": 2, "log_every": 2, "sample_every": steps,
            "ckpt_every": 2, "progress": False}
-    return (TINY_MUSE + [f"model.tokenizer={tokenizer}", f"data.path={data}",
+    return (TINY_MUSE + [f"model.tokenizer={tokenizer}", "model.layout=", f"data.path={data}",
                          "data.image_size=16", "data.workers=0", "data.val_batches=2"]
             + [f"run.{k}={v}" for k, v in run.items()])
 
@@ -123,9 +123,7 @@ def _write_config(path, config: str, overrides: list[str], **model) -> str:
     (train.py reads a prerequisite's settings from its file)."""
     raw = yaml.safe_load(open(os.path.join(REPO, "training", "configs", config)))
     for override in overrides:
-        key, value = override.split("=", 1)
-        section, name = key.split(".")
-        raw[section][name] = yaml.safe_load(value)
+        apply_override(raw, override)
     raw["model"].update(model)
     path.write_text(yaml.safe_dump(raw))
     return str(path)
@@ -187,6 +185,12 @@ def test_a_layout_model_then_a_painter_on_its_layouts_train_export_and_generate(
     assert main(["generate", "--model", out, "--prompt", prompts[0], "--num", "2", "--steps",
                  "2", "--out", str(grid)]) == 0
     assert grid.exists() and "cfg off" in capsys.readouterr().out  # painters: no guidance
+    critic = str(tmp_path / "critic")  # a token critic for a painter: on the true layouts
+    config = _muse_config(synth_dir, critic, tiny_vqgan, "model.stage=critic",
+                          f"model.base={out}", f"data.tokenizer={out}/export", steps=2)
+    assert "val_accuracy" in Trainer(config, ds_config(2)).train()
+    judged = load(out, critic=critic)(prompts, steps=3, critic="critic", seed=0)
+    assert judged.images.shape == (2, 3, 16, 16) and judged.layout is not None
     assert os.path.exists(os.path.join(out, "samples", "step_000002.png"))
     batch = {"image": torch.zeros(1, 3, 16, 16), "seg": torch.full((1, 16, 16), -1)}
     with pytest.raises(ValueError, match="segmentation maps"):
