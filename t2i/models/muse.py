@@ -75,6 +75,8 @@ class MuseConfig:
     layout_config: str = "training/configs/muse_layout_shapes.yaml"  # trains it when missing
     layout_model: bool = False  # a layout model (stage "layout"): each token's class
     layout_classes: int = len(SHAPES) + 1  # segmentation classes, background (0) included
+    layout_detail: int = 1  # layout cells a token side: 1, a class a token (its majority);
+    # 2, one for each of its 2 x 2 quarters (at 16 x 16 tokens of 32 px: every pixel)
     low_res_tokenizer: str = ""  # super-resolution: the low-res stage's VQGAN run ("": base)
     low_res_size: int = 32  # super-resolution: the low-res stage's image side
     low_res_codes: int = 0  # its codebook size (0: from low_res_tokenizer)
@@ -130,6 +132,8 @@ class MaskGitTransformer(nn.Module, Pretrained):
         if c.layout and c.layout_model:
             raise ValueError("a layout model draws layouts; it does not paint on one "
                              "(model.layout must be empty)")
+        if c.layout_detail < 1:
+            raise ValueError(f"model.layout_detail must be >= 1, got {c.layout_detail}")
         self.mask_id = c.num_codes
         self.num_tokens = c.grid * c.grid
         self.token_embed = nn.Embedding(c.num_codes + 1, c.dim)
@@ -159,12 +163,16 @@ class MaskGitTransformer(nn.Module, Pretrained):
             self.local = nn.ModuleList(LocalMix(c.dim, c.local_kernel, c.grid // c.patch)
                                        for _ in range(c.depth))
         self.norm = nn.LayerNorm(c.dim)
-        outputs = 1 if c.critic else c.layout_classes if c.layout_model else c.num_codes
+        cells = c.layout_detail ** 2  # layout cells a token
+        outputs = 1 if c.critic else cells * c.layout_classes if c.layout_model else c.num_codes
         self.head = nn.Linear(c.dim, outputs)
         if c.coverage_weight:  # a training aid: generation never calls it
             self.coverage = nn.Linear(c.dim, 1)
-        if c.layout:  # a painter: each token's class, embedded and added to its input
-            self.layout_embed = nn.Embedding(c.layout_classes, c.dim)
+        if c.layout or c.layout_model:  # each token's cells' classes (or "unknown": id
+            # layout_classes), embedded (a table a cell position), summed, added to its input
+            self.unknown_layout = c.layout_classes
+            self.layout_embed = nn.Embedding(cells * (c.layout_classes + 1), c.dim)
+            nn.init.normal_(self.layout_embed.weight, std=1 / c.layout_detail)  # sum: std 1
         if c.critic:
             self.kind = "critic"
         if c.layout_model:
@@ -235,10 +243,11 @@ class MaskGitTransformer(nn.Module, Pretrained):
                     context_mask: torch.Tensor, self_cond: torch.Tensor | None = None,
                     return_logits: bool = True, layout: torch.Tensor | None = None):
         """tokens long [B, N] (mask id = num_codes) -> (logits [B, N, V] or None,
-        hidden [B, N, dim]). `layout` long [B, N]: each token's class (painters)."""
+        hidden [B, N, dim]). `layout` long [B, g*d, g*d] (d = layout_detail): the class of
+        each cell of the token grid (painters)."""
         x = self.token_embed(tokens)  # [B, N, dim]
         if layout is not None:
-            x = x + self.layout_embed(layout)
+            x = x + self._layout_features(layout)
         if self_cond is not None and self.config.self_condition:
             x = x + self.self_cond(self_cond)
         p = self.config.patch
@@ -253,6 +262,19 @@ class MaskGitTransformer(nn.Module, Pretrained):
         if p > 1:
             hidden = self._ungroup(self.split(hidden))  # [B, N, dim]
         return (self.head(hidden) if return_logits else None), hidden
+
+    def _layout_features(self, layout: torch.Tensor) -> torch.Tensor:
+        """Layout map long [B, g*d, g*d] -> [B, N, dim]: per token, the sum of its d x d
+        cells' class embeddings, each cell position with its own table."""
+        b = layout.shape[0]
+        d, g, c = self.config.layout_detail, self.config.grid, self.config.layout_classes + 1
+        if layout.shape[1:] != (g * d, g * d):
+            raise ValueError(f"layout: expected maps of {g * d}x{g * d} cells, got "
+                             f"{tuple(layout.shape[1:])}")
+        cell = torch.arange(d, device=layout.device)
+        cell = (cell[:, None] * d + cell).repeat(g, g)  # [g*d, g*d]: position in its token
+        x = self.layout_embed(layout + c * cell)  # [B, g*d, g*d, dim]
+        return x.view(b, g, d, g, d, -1).sum((2, 4)).view(b, g * g, -1)
 
     def _group(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, D] in raster order -> [B, N / p^2, p^2 D], one row per p x p patch."""
@@ -276,7 +298,7 @@ class MaskGitTransformer(nn.Module, Pretrained):
         token's pixels that show an object (`object_coverage`), which a second head learns
         to predict with `config.coverage_weight` (binary cross-entropy on the masked tokens:
         the objects' outline below token size, whatever their colour and background).
-        `layout` long [B, N]: each token's class as input (painters).
+        `layout` long [B, g*d, g*d]: each layout cell's class as input (painters).
         -> (loss, accuracy on masked tokens), and with `return_correct` the bool [B, N] map
         of the masked tokens the argmax gets right."""
         inputs = torch.where(masked, self.mask_id, tokens)
@@ -309,29 +331,37 @@ class MaskGitTransformer(nn.Module, Pretrained):
         return self.loss(tokens, masked, *self.condition(**condition), self_cond_rows, coverage,
                          layout=layout)
 
-    def layout_logits(self, context, context_mask) -> torch.Tensor:
-        """A layout model's class logits for every token from the condition alone (every
-        image token masked: one pass) -> [B, N, layout_classes]."""
-        if not self.config.layout_model:
+    def layout_logits(self, context, context_mask, layout: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """A layout model's class logits for every layout cell from the condition and the
+        cells known so far (`layout` long [B, g*d, g*d], `unknown_layout` where not; None:
+        none known), every image token masked -> [B, g*d, g*d, layout_classes]."""
+        c = self.config
+        if not c.layout_model:
             raise ValueError("layout_logits: this model is not a layout model (stage 'layout')")
-        tokens = torch.full((context.shape[0], self.num_tokens), self.mask_id,
-                            device=context.device)
-        logits, _ = self.transformer(tokens, context, context_mask)
-        return logits
+        b, g, d = context.shape[0], c.grid, c.layout_detail
+        tokens = torch.full((b, self.num_tokens), self.mask_id, device=context.device)
+        if layout is None:
+            layout = torch.full((b, g * d, g * d), self.unknown_layout, device=context.device)
+        logits, _ = self.transformer(tokens, context, context_mask, layout=layout)
+        logits = logits.view(b, g, g, d, d, c.layout_classes).permute(0, 1, 3, 2, 4, 5)
+        return logits.reshape(b, g * d, g * d, c.layout_classes)  # from [B, N, d*d*C]
 
-    def layout_loss(self, target: torch.Tensor, condition: dict):
-        """A layout model's loss: soft cross-entropy between each token's class mix `target`
-        float [B, N, C] (`class_mix`) and its predicted classes. -> (loss, accuracy of the
-        argmax against each token's majority class)."""
-        logits = self.layout_logits(*self.condition(**condition)).float()
-        loss = -(target.float() * F.log_softmax(logits, -1)).sum(-1).mean()
-        accuracy = (logits.argmax(-1) == target.argmax(-1)).float().mean()
+    def layout_loss(self, target: torch.Tensor, condition: dict,
+                    unknown: torch.Tensor | None = None):
+        """A layout model's loss: soft cross-entropy between the class mix `target` float
+        [B, g*d, g*d, C] (`MuseTask._layout`) of the `unknown` cells (bool [B, g*d, g*d];
+        None: all) and their predicted classes, the other cells given as their majority
+        class. -> (loss, accuracy of the argmax against the unknown cells' majority)."""
+        true = target.argmax(-1)
+        if unknown is None:
+            unknown = torch.ones_like(true, dtype=torch.bool)
+        layout = torch.where(unknown, self.unknown_layout, true)
+        logits = self.layout_logits(*self.condition(**condition), layout).float()
+        soft = -(target.float() * F.log_softmax(logits, -1)).sum(-1)
+        loss = soft[unknown].mean()
+        accuracy = (logits.argmax(-1) == true)[unknown].float().mean()
         return loss, accuracy.detach()
-
-    @torch.no_grad()
-    def draw_layout(self, context, context_mask) -> torch.Tensor:
-        """A layout model's layout: each token's most likely class -> long [B, N]."""
-        return self.layout_logits(context, context_mask).argmax(-1)
 
     def critic_loss(self, tokens, sampled: torch.Tensor, condition: dict):
         """Critic: binary cross-entropy of "this token was sampled, not the original" over
@@ -384,6 +414,9 @@ def has_segmentation(seg: torch.Tensor | None) -> bool:
 def class_mix(seg: torch.Tensor, grid: int, classes: int) -> torch.Tensor:
     """Segmentation maps long [B, H, W] -> float [B, grid^2, classes]: the share of each
     token's image patch that shows each class (background 0 included)."""
+    if seg.shape[-1] % grid or seg.shape[-2] % grid:
+        raise ValueError(f"segmentation maps of {tuple(seg.shape[-2:])} px do not split into "
+                         f"{grid} x {grid} cells (model.layout_detail too fine?)")
     if int(seg.min()) < 0 or int(seg.max()) >= classes:
         raise ValueError(f"segmentation classes must be in [0, {classes}) (model.layout_classes)"
                          f", got {int(seg.min())}..{int(seg.max())}")
@@ -480,9 +513,10 @@ class MuseTask(Task):
         if not _exported(path):
             return model.get("tokenizer_config", MuseConfig.tokenizer_config), [f"run.out={path}"]
         layout = model.get("layout", MuseConfig.layout)
-        if layout and not _exported(layout):
+        if layout and not _exported(layout):  # drawn on this painter's grid and cells
+            detail = model.get("layout_detail", MuseConfig.layout_detail)
             return model.get("layout_config", MuseConfig.layout_config), [
-                f"run.out={layout}", f"model.tokenizer={path}"]
+                f"run.out={layout}", f"model.tokenizer={path}", f"model.layout_detail={detail}"]
         return None
 
     def _tokens(self, images: torch.Tensor) -> torch.Tensor:
@@ -521,13 +555,15 @@ class MuseTask(Task):
                               "masked": masked.float().mean().item()}
 
     def _layout(self, batch):
-        """-> (class mix [B, N, C], each token's majority class long [B, N]) from the maps."""
+        """-> (class mix float [B, g*d, g*d, C], each cell's majority class long
+        [B, g*d, g*d]) from the segmentation maps."""
         if not has_segmentation(batch.get("seg")):
             raise ValueError("layout models and painters (model.layout) need the segmentation "
                              "maps of every image (seg.png in the shards); this data set has "
                              "none")
-        mix = class_mix(batch["seg"], self.config.grid, self.config.layout_classes)
-        mix = mix.to(batch["image"].device)
+        side = self.config.grid * self.config.layout_detail
+        mix = class_mix(batch["seg"], side, self.config.layout_classes)
+        mix = mix.view(len(mix), side, side, -1).to(batch["image"].device)
         return mix, mix.argmax(-1)
 
     @torch.no_grad()
@@ -547,7 +583,7 @@ class MuseTask(Task):
         if self.layouts is not None:
             out = gen(**cond, seed=0)
             size = batch["image"].shape[-1]
-            true = self._layout(batch)[1][:n].view(n, self.config.grid, self.config.grid)
+            true = self._layout(batch)[1][:n]
             return rows + [layout_picture(true, size), layout_picture(out.layout, size),
                            out.images]
         for cfg in (3.0, None):
@@ -624,7 +660,8 @@ class LowRes:
 
 
 def layout_picture(layout: torch.Tensor, size: int) -> torch.Tensor:
-    """Layouts long [B, g, g] -> pictures [B, 3, size, size] in [-1, 1], a colour a class."""
+    """Layout maps long [B, h, w] -> pictures [B, 3, size, size] in [-1, 1], a colour a
+    class."""
     from t2i.models.vqseg import colourise
 
     return F.interpolate(colourise(layout), size=(size, size), mode="nearest")
@@ -645,12 +682,13 @@ def _load_layouts(config: MuseConfig):
         raise ValueError(f"model.layout: {config.layout} has no exported layout model; train "
                          f"it first (train.py does so itself from model.layout_config)") from None
     c = layouts.model.config
-    if (c.grid, c.layout_classes, c.condition) != \
-            (config.grid, config.layout_classes, config.condition):
-        raise ValueError(f"model.layout: {config.layout} draws {c.grid}x{c.grid} layouts of "
-                         f"{c.layout_classes} classes from a {c.condition} condition; this "
-                         f"painter needs {config.grid}x{config.grid}, {config.layout_classes} "
-                         f"and {config.condition}")
+    theirs = (c.grid * c.layout_detail, c.layout_classes, c.condition)
+    ours = (config.grid * config.layout_detail, config.layout_classes, config.condition)
+    if theirs != ours:
+        raise ValueError(f"model.layout: {config.layout} draws layouts of {theirs[0]}x"
+                         f"{theirs[0]} cells of {theirs[1]} classes from a {theirs[2]} "
+                         f"condition; this painter needs {ours[0]}x{ours[0]}, {ours[1]} and "
+                         f"{ours[2]} (model.layout_detail, layout_classes, condition)")
     layouts.model.requires_grad_(False)
     return layouts
 
@@ -741,9 +779,10 @@ class CriticTask(MuseTask):
 
 
 class LayoutTask(MuseTask):
-    """A layout model: each token's segmentation class (background or a shape) from the
-    caption alone, every image token masked, one pass. A painter (`model.layout`) paints
-    image tokens on its layouts."""
+    """A layout model: the segmentation class (background or a shape) of each layout cell
+    (a token, or a d x d part of one) from the caption, every image token masked, decoded
+    MaskGIT-style over the cells (t2i.generate.LayoutDrawer). A painter (`model.layout`)
+    paints image tokens on its layouts."""
 
     stage = "layout"
 
@@ -752,25 +791,33 @@ class LayoutTask(MuseTask):
         super().__init__(config, data, tokenizer)
 
     def losses(self, engines, batch, step):
+        """Cells hidden as image tokens are in MaskGIT: a share from the schedule, the rest
+        given; the hidden ones are scored."""
         mix = self._layout(batch)[0]
-        loss, accuracy = engines["model"](mix, self._inputs(batch, training=True), mode="layout")
+        b, side = mix.shape[:2]
+        unknown = random_mask(b, side * side, self.config.schedule, mix.device)
+        loss, accuracy = engines["model"](mix, self._inputs(batch, training=True),
+                                          unknown.view(b, side, side), mode="layout")
         yield "model", loss, {"ce": loss.item(), "accuracy": accuracy.item()}
 
     @torch.no_grad()
     def samples(self, model, batch):
-        """Rows: real images, their layouts, the layouts drawn for their captions."""
+        """Rows: real images, their layouts, the layouts drawn for their captions (seed 0)."""
+        from t2i.generate import LayoutDrawer
+
         n, size = min(8, len(batch["image"])), batch["image"].shape[-1]
-        g = self.config.grid
-        drawn = model.draw_layout(*model.condition(**self._inputs(batch)))[:n]
+        cond = {"class_ids": class_labels(batch)[:n]} if self.config.condition == "class" \
+            else {"texts": batch["caption"][:n]}
+        drawn = LayoutDrawer(model, self.tokenizer)(**cond, seed=0)
         true = self._layout(batch)[1][:n]
-        return [batch["image"][:n], layout_picture(true.view(n, g, g), size),
-                layout_picture(drawn.view(n, g, g), size)]
+        return [batch["image"][:n], layout_picture(true, size), layout_picture(drawn, size)]
 
     @torch.no_grad()
     def evaluate(self, model, batches):
-        """Soft cross-entropy against the class mixes; the argmax's accuracy against each
-        token's majority class over all tokens and over the tokens an object holds (what
-        carries the shapes: a few percent of them)."""
+        """From the caption alone (every cell unknown: a drawing's first step): soft
+        cross-entropy against the class mixes, the argmax's accuracy against each cell's
+        majority class over all cells and over the cells an object holds (what carries the
+        shapes: a few percent of them)."""
         ce, hits, count, object_hits, objects = 0.0, 0, 0, 0, 0
         for batch in batches:
             mix, true = self._layout(batch)

@@ -123,77 +123,145 @@ def test_class_mix_is_each_tokens_share_of_every_class():
     assert torch.equal(mix[0, 2:], torch.tensor([[1.0, 0.0, 0.0]] * 2))
     with pytest.raises(ValueError, match="layout_classes"):
         class_mix(seg, 2, 2)  # class 2 does not fit two classes
+    with pytest.raises(ValueError, match="do not split"):
+        class_mix(seg, 3, 3)  # 4 px maps into 3 x 3 cells
 
 
-def test_a_layout_model_learns_each_tokens_class_mix_from_the_caption_alone():
-    model = _model(layout_model=True, layout_classes=3).train()
-    assert model.head.out_features == 3 and model.kind == "layout"
+def _cells_by_hand(per_token: torch.Tensor, d: int) -> torch.Tensor:
+    """[B, 16, d*d*C] (4 x 4 tokens) -> [B, 4d, 4d, C]: token (y, x)'s cell (i, j) at
+    (y*d + i, x*d + j), the slow way."""
+    b, c = per_token.shape[0], per_token.shape[-1] // (d * d)
+    out = torch.zeros(b, 4 * d, 4 * d, c)
+    for y in range(4):
+        for x in range(4):
+            for i in range(d):
+                for j in range(d):
+                    k = i * d + j
+                    out[:, y * d + i, x * d + j] = per_token[:, y * 4 + x, k * c:(k + 1) * c]
+    return out
+
+
+@pytest.mark.parametrize("detail", [1, 2])
+def test_a_layout_model_learns_the_hidden_cells_class_mix_from_the_caption_and_the_rest(
+        detail):
+    model = _model(layout_model=True, layout_classes=3, layout_detail=detail).train()
+    assert model.head.out_features == 3 * detail ** 2 and model.kind == "layout"
     ids, mask = TOKENIZER(["a red circle on the left", "a small blue ring at the top"])
-    target = torch.softmax(torch.randn(2, 16, 3, generator=torch.Generator().manual_seed(5)),
-                           -1)
-    loss, accuracy = model(target, {"text": ids, "text_mask": mask}, mode="layout")
-    # by hand: every image token masked, the head's soft cross-entropy against the mixes
+    side = 4 * detail
+    g = torch.Generator().manual_seed(5)
+    target = torch.softmax(torch.randn(2, side, side, 3, generator=g), -1)
+    unknown = torch.rand(2, side, side, generator=g) < 0.6
+    loss, accuracy = model(target, {"text": ids, "text_mask": mask}, unknown, mode="layout")
+    # by hand: every image token masked, the known cells given as their majority class, the
+    # head's soft cross-entropy against the mixes of the unknown cells
     ctx = model.condition(text=ids, text_mask=mask)
-    logits, _ = model.transformer(torch.full((2, 16), model.mask_id), *ctx)
-    soft = -(target * torch.log_softmax(logits, -1)).sum(-1).mean()
-    torch.testing.assert_close(loss, soft, rtol=1e-4, atol=1e-5)
-    right = (logits.argmax(-1) == target.argmax(-1)).float().mean()
+    given = torch.where(unknown, model.unknown_layout, target.argmax(-1))
+    logits, _ = model.transformer(torch.full((2, 16), model.mask_id), *ctx, layout=given)
+    logits = _cells_by_hand(logits, detail)
+    soft = -(target * torch.log_softmax(logits, -1)).sum(-1)
+    torch.testing.assert_close(loss, soft[unknown].mean(), rtol=1e-4, atol=1e-5)
+    right = (logits.argmax(-1) == target.argmax(-1))[unknown].float().mean()
     torch.testing.assert_close(accuracy, right)
     loss.backward()
     assert model.head.weight.grad.abs().sum() > 0 and model.text.embed.weight.grad is not None
-    assert torch.equal(model.draw_layout(*ctx), logits.argmax(-1))
-    for bad in ({"layout": "runs/x"}, {"critic": True}, {"low_res_codes": 16, "low_res_grid": 2}):
+    assert model.layout_embed.weight.grad.abs().sum() > 0
+    everything, _ = model(target, {"text": ids, "text_mask": mask}, mode="layout")
+    alone = _cells_by_hand(model.transformer(torch.full((2, 16), model.mask_id), *ctx,
+                                             layout=torch.full_like(given, 3))[0], detail)
+    torch.testing.assert_close(everything, -(target * torch.log_softmax(alone, -1)).sum(-1)
+                               .mean(), rtol=1e-4, atol=1e-5)  # unknown=None: all cells
+    for bad in ({"layout": "runs/x"}, {"critic": True}, {"low_res_codes": 16, "low_res_grid": 2},
+                {"layout_detail": 0}):
         with pytest.raises(ValueError, match="layout"):
             _model(layout_model=True, **bad)
     with pytest.raises(ValueError, match="not a layout model"):
-        _model().draw_layout(*ctx)
+        _model().layout_logits(*ctx)
 
 
-def test_a_painter_paints_on_the_layout_it_is_given():
-    model = _model(layout="runs/layout", layout_classes=3).train()
+def test_the_layout_drawer_fixes_cells_by_the_schedule_and_never_changes_them(monkeypatch):
+    model = _model(layout_model=True, layout_classes=3, layout_detail=2)
+    drawer = LayoutDrawer(model, TOKENIZER)
+    texts = ["a red circle on the left", "a small blue ring at the top"]
+    inputs, logits = [], model.layout_logits
+    monkeypatch.setattr(model, "layout_logits",
+                        lambda *a: inputs.append(a[2].clone()) or logits(*a))
+    layout = drawer(texts, steps=4)
+    assert layout.shape == (2, 8, 8) and int(layout.max()) < 3  # every cell drawn
+    known = [(x != 3).flatten(1).sum(1).tolist() for x in inputs[1:]] + \
+        [(layout != 3).flatten(1).sum(1).tolist()]
+    assert known == [[64 - k] * 2 for k in masked_counts(64, 4, "cosine")]
+    for before, after in zip(inputs[1:], inputs[2:] + [layout], strict=True):
+        fixed = before != 3
+        assert torch.equal(after[fixed], before[fixed])  # a drawn cell stays
+    one_pass = drawer(texts, steps=1)  # steps=1: each cell's argmax from the caption alone
+    ids, mask = TOKENIZER(texts)
+    assert torch.equal(one_pass, logits(*model.condition(text=ids, text_mask=mask)).argmax(-1))
+    hot = drawer(texts, steps=4, temperature=5.0, seed=1)
+    assert torch.equal(hot, drawer(texts, steps=4, temperature=5.0, seed=1))
+    assert not torch.equal(hot, drawer(texts, steps=4, temperature=5.0, seed=2))
+    with pytest.raises(ValueError, match="steps"):
+        drawer(texts, steps=0)
+
+
+@pytest.mark.parametrize("detail", [1, 2])
+def test_a_painter_paints_on_the_layout_it_is_given(detail):
+    model = _model(layout="runs/layout", layout_classes=3, layout_detail=detail).train()
     ids, mask = TOKENIZER(["a red circle on the left", "a small blue ring at the top"])
     g = torch.Generator().manual_seed(5)
     tokens = torch.randint(0, 16, (2, 16), generator=g)
     masked = torch.rand(2, 16, generator=g) < 0.6
-    layout = torch.randint(0, 3, (2, 16), generator=g)
+    side = 4 * detail
+    layout = torch.randint(0, 3, (2, side, side), generator=g)
     ctx = model.condition(text=ids, text_mask=mask)
     loss, _ = model.loss(tokens, masked, *ctx, layout=layout)
-    # by hand: each token's class embedded and added to its input, the usual token loss
-    x = model.token_embed(torch.where(masked, model.mask_id, tokens)) + model.layout_embed(layout)
-    model.token_embed.forward = lambda _: x  # the embedding with the layout added, by hand
+    # by hand: each token's cells' classes embedded (a table a cell position), summed and
+    # added to its input, then the usual token loss
+    x = model.token_embed(torch.where(masked, model.mask_id, tokens))
+    table = model.layout_embed.weight
+    added = torch.zeros_like(x)
+    for y in range(4):
+        for xx in range(4):
+            for i in range(detail):
+                for j in range(detail):
+                    cls = layout[:, y * detail + i, xx * detail + j]
+                    added[:, y * 4 + xx] += table[4 * (i * detail + j) + cls]  # 3 + unknown
+    model.token_embed.forward = lambda _: x + added  # the layout added, by hand
     _, hidden = model.transformer(tokens, *ctx)
     del model.token_embed.forward
     ce = torch.nn.functional.cross_entropy(model.head(hidden[masked]), tokens[masked],
                                            label_smoothing=0.1)
     torch.testing.assert_close(loss, ce, rtol=1e-4, atol=1e-5)
     loss.backward()
-    assert model.layout_embed.weight.grad.abs().sum(1).gt(0).all()
-    other = (layout + 1) % 3
+    grad = model.layout_embed.weight.grad.view(detail ** 2, 4, -1).abs().sum(-1)
+    assert grad[:, :3].gt(0).all()  # every class at every cell position; "unknown" unused
+    other = layout.clone()
+    other[:, 0, 0] = (other[:, 0, 0] + 1) % 3  # one cell changed
     changed, _ = model.loss(tokens, masked, *ctx, layout=other)
     assert not torch.isclose(changed, loss)
     with pytest.raises(ValueError, match="layout"):
         _model(layout="runs/layout", critic=True)
+    with pytest.raises(ValueError, match="cells"):
+        model.loss(tokens, masked, *ctx, layout=layout[:, :2])
 
 
 def test_a_painter_generates_on_the_layouts_its_layout_model_draws_once_a_batch(
         vqgan, monkeypatch):
-    layouts = LayoutDrawer(_model(layout_model=True, layout_classes=3), TOKENIZER)
+    drawer = LayoutDrawer(_model(layout_model=True, layout_classes=3), TOKENIZER)
     model = _model(layout="runs/layout", layout_classes=3)
     drawn, seen = [], []
-    draw, transformer = layouts.model.draw_layout, model.transformer
-    monkeypatch.setattr(layouts.model, "draw_layout",
-                        lambda *a: drawn.append(draw(*a)) or drawn[-1])
+    transformer = model.transformer
     monkeypatch.setattr(model, "transformer",
                         lambda *a, **kw: seen.append(kw.get("layout")) or transformer(*a, **kw))
-    gen = MuseGenerator(model, vqgan, TOKENIZER, layouts=layouts)
+    gen = MuseGenerator(model, vqgan, TOKENIZER,
+                        layouts=lambda *a, **kw: drawn.append(drawer(*a, **kw)) or drawn[-1])
     texts = ["a large red circle on the left", "a small blue ring", "a green cross"]
     out = gen(texts, steps=4, cfg_scale=2.0, seed=0, batch_size=2)
-    assert [d.shape for d in drawn] == [(2, 16), (1, 16)]  # once a batch
+    assert [d.shape for d in drawn] == [(2, 4, 4), (1, 4, 4)]  # once a batch
     assert 0 <= int(drawn[0].min()) and int(drawn[0].max()) < 3
     assert len(seen) == 2 * 4  # one painter call a step, both halves of guidance in it
     assert all(torch.equal(s, torch.cat([drawn[0], drawn[0]])) for s in seen[:4])
     assert all(torch.equal(s, torch.cat([drawn[1], drawn[1]])) for s in seen[4:])
-    assert torch.equal(out.layout, torch.cat(drawn).view(3, 4, 4))
+    assert torch.equal(out.layout, torch.cat(drawn))
     again = gen(texts, steps=4, cfg_scale=2.0, seed=0, batch_size=2)
     assert torch.equal(out.tokens, again.tokens)
     monkeypatch.setenv("T2I_KERNEL_BACKEND", "reference")
@@ -204,11 +272,11 @@ def test_a_painter_generates_on_the_layouts_its_layout_model_draws_once_a_batch(
     sr = MuseGenerator(_model(low_res_codes=16, low_res_grid=4), vqgan, TOKENIZER,
                        low=LowRes(vqgan, 16), base=gen)
     assert sr(texts[:1], steps=2, cfg_scale=2.0, seed=0).images.shape == (1, 3, 16, 16)
-    assert [s.shape for s in seen] == [(1, 16)] * 2
+    assert [s.shape for s in seen] == [(1, 4, 4)] * 2
     with pytest.raises(ValueError, match="painter"):
         MuseGenerator(model, vqgan, TOKENIZER)  # a painter without its layout model
     with pytest.raises(ValueError, match="painter"):
-        MuseGenerator(_model(), vqgan, TOKENIZER, layouts=layouts)
+        MuseGenerator(_model(), vqgan, TOKENIZER, layouts=drawer)
     with pytest.raises(ValueError, match="layout model"):
         LayoutDrawer(_model(), TOKENIZER)
 

@@ -143,14 +143,15 @@ def test_train_py_trains_the_missing_tokenizer_and_layout_model_first_then_the_p
     args = ["--config", os.path.join(REPO, "training", "configs", "muse_shapes.yaml"),
             "--deepspeed_config", ds_config(3), *_muse_overrides(synth_dir, out, tokenizer),
             f"model.tokenizer_config={vq_config}", f"model.layout={layout}",
-            f"model.layout_config={layout_config}",
+            f"model.layout_config={layout_config}", "model.layout_detail=2",  # passed on
             "model.coverage_weight=0.5"]  # its head too is partitioned by ZeRO-3
     result = subprocess.run(train_command(*args, processes=2), cwd=REPO, capture_output=True,
                             text=True, timeout=600, env=clean_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for run in (tokenizer, layout):
         assert os.path.exists(os.path.join(run, "export", "model.safetensors"))
-    assert json.load(open(os.path.join(layout, "export", "config.json")))["stage"] == "layout"
+    meta = json.load(open(os.path.join(layout, "export", "config.json")))
+    assert meta["stage"] == "layout" and meta["model"]["layout_detail"] == 2
     for part in ("vqgan", "layout"):
         assert os.path.exists(os.path.join(out, "export", part, "model.safetensors"))
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
@@ -180,7 +181,7 @@ def test_a_layout_model_then_a_painter_on_its_layouts_train_export_and_generate(
     prompts = ["a large red circle on the left", "a small blue ring"]
     generated = pipe(prompts, seed=0, steps=3)
     assert generated.images.shape == (2, 3, 16, 16)
-    assert torch.equal(generated.layout.flatten(1), load_layouts(layout_out)(prompts))
+    assert torch.equal(generated.layout, load_layouts(layout_out)(prompts))
     grid = tmp_path / "grid.png"
     assert main(["generate", "--model", out, "--prompt", prompts[0], "--num", "2", "--steps",
                  "2", "--out", str(grid)]) == 0
