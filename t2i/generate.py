@@ -74,8 +74,7 @@ def encode_texts(tokenizer, texts: Sequence[str], device, warn: bool = True):
 class LayoutDrawer:
     """Captions (or class ids) -> layouts: the segmentation class of each layout cell,
     drawn by a layout model (MaskGitTransformer with config.layout_model, read with its own
-    caption tokenizer) MaskGIT-style: each step predicts every unknown cell, draws a class
-    for each, and keeps the surest by the cosine schedule; the rest stay unknown."""
+    caption tokenizer) in one pass: each cell's most likely class."""
 
     def __init__(self, model, tokenizer=None):
         if not model.config.layout_model:
@@ -83,15 +82,9 @@ class LayoutDrawer:
         self.model, self.tokenizer = model.eval(), tokenizer
 
     @torch.no_grad()
-    def __call__(self, texts: Sequence[str] | None = None, class_ids=None, *, steps: int = 8,
-                 temperature: float = 0.0, seed: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, texts: Sequence[str] | None = None, class_ids=None) -> torch.Tensor:
         """-> layout maps long [B, g*d, g*d] (d: config.layout_detail) on the model's
-        device. steps=1: every cell from the caption alone, in one pass. temperature 0:
-        each cell's most likely class; > 0: drawn (Gumbel-max) from its distribution at
-        that temperature, with noise from `generator` (or `seed`)."""
-        if steps < 1:
-            raise ValueError(f"layout steps must be >= 1, got {steps}")
+        device."""
         model = self.model
         device = next(model.parameters()).device
         if model.config.condition == "text":
@@ -99,25 +92,7 @@ class LayoutDrawer:
             ctx = model.condition(text=ids, text_mask=mask)
         else:
             ctx = model.condition(class_ids=torch.as_tensor(class_ids).to(device))
-        if temperature > 0 and generator is None:
-            generator = torch.Generator(device).manual_seed(0 if seed is None else seed)
-        b, side = ctx[0].shape[0], model.config.grid * model.config.layout_detail
-        unknown_id = model.unknown_layout
-        layout = torch.full((b, side * side), unknown_id, dtype=torch.long, device=device)
-        for still_unknown in masked_counts(side * side, steps, "cosine"):
-            log_p = torch.log_softmax(
-                model.layout_logits(*ctx, layout.view(b, side, side)).float(), -1).flatten(1, 2)
-            if temperature > 0:
-                drawn = (log_p / temperature - _minus_gumbel(log_p.shape, generator, device)
-                         ).argmax(-1)
-            else:
-                drawn = log_p.argmax(-1)
-            unknown = layout == unknown_id
-            confidence = log_p.gather(-1, drawn[..., None])[..., 0].masked_fill(~unknown,
-                                                                                 math.inf)
-            drawn = torch.where(unknown, drawn, layout)
-            layout = torch.where(lowest_k_mask(confidence, still_unknown), unknown_id, drawn)
-        return layout.view(b, side, side)
+        return model.layout_logits(*ctx).argmax(-1)
 
 
 class MuseGenerator:
@@ -154,8 +129,7 @@ class MuseGenerator:
                  generator: torch.Generator | None = None, batch_size: int | None = None,
                  low_res_tokens: torch.Tensor | None = None,
                  low_res_images: torch.Tensor | None = None,
-                 return_steps: bool = False, layout_steps: int = 8,
-                 layout_temperature: float = 0.0) -> Generated:
+                 return_steps: bool = False) -> Generated:
         """Generate one image per text (or class id).
 
         temperature: token sampling temperature, or (start, end) annealed linearly over
@@ -167,9 +141,7 @@ class MuseGenerator:
         probabilities), "self" (the model re-scores the completed map: one more call per
         step), "critic" (the token critic this generator was loaded with) or a critic
         model (MaskGitTransformer with config.critic). remask_fixed: tokens fixed in
-        earlier steps may be masked again. layout_steps / layout_temperature: painters'
-        layout drawing (LayoutDrawer's steps and temperature; its noise comes from the same
-        generator). seed / generator: reproducible draws on any
+        earlier steps may be masked again. seed / generator: reproducible draws on any
         kernel backend, on the same kind of device (a seed draws its noise on the model's
         device: CPU and CUDA runs of one seed differ)."""
         if steps < 1:
@@ -231,9 +203,7 @@ class MuseGenerator:
             layout = None
             if self.layouts is not None:  # a painter: the layout first, then the tokens on it
                 layout = self._timed(self.layouts, texts[sl] if texts is not None else None,
-                                     class_ids[sl] if class_ids is not None else None,
-                                     steps=layout_steps, temperature=layout_temperature,
-                                     generator=generator)
+                                     class_ids[sl] if class_ids is not None else None)
             outs.append(self._decode(cond, negative, steps, schedule, temperature,
                                      remask_temperature, top_k, top_p, cfg_scale,
                                      critic, remask_fixed, generator, return_steps, layout)

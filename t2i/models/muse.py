@@ -168,11 +168,9 @@ class MaskGitTransformer(nn.Module, Pretrained):
         self.head = nn.Linear(c.dim, outputs)
         if c.coverage_weight:  # a training aid: generation never calls it
             self.coverage = nn.Linear(c.dim, 1)
-        if c.layout or c.layout_model:  # each token's cells' classes (or "unknown": id
-            # layout_classes), embedded (a table a cell position), summed, added to its input
-            self.unknown_layout = c.layout_classes
-            self.layout_embed = nn.Embedding(cells * (c.layout_classes + 1), c.dim)
-            nn.init.normal_(self.layout_embed.weight, std=1 / c.layout_detail)  # sum: std 1
+        if c.layout:  # a painter: each token's cells' classes, embedded (a table a cell
+            # position), summed and added to its input
+            self.layout_embed = nn.Embedding(cells * c.layout_classes, c.dim)
         if c.critic:
             self.kind = "critic"
         if c.layout_model:
@@ -265,16 +263,17 @@ class MaskGitTransformer(nn.Module, Pretrained):
 
     def _layout_features(self, layout: torch.Tensor) -> torch.Tensor:
         """Layout map long [B, g*d, g*d] -> [B, N, dim]: per token, the sum of its d x d
-        cells' class embeddings, each cell position with its own table."""
+        cells' class embeddings, each cell position with its own table, over d (the d^2
+        unit-variance embeddings then sum to the token embedding's scale)."""
         b = layout.shape[0]
-        d, g, c = self.config.layout_detail, self.config.grid, self.config.layout_classes + 1
+        d, g, c = self.config.layout_detail, self.config.grid, self.config.layout_classes
         if layout.shape[1:] != (g * d, g * d):
             raise ValueError(f"layout: expected maps of {g * d}x{g * d} cells, got "
                              f"{tuple(layout.shape[1:])}")
         cell = torch.arange(d, device=layout.device)
         cell = (cell[:, None] * d + cell).repeat(g, g)  # [g*d, g*d]: position in its token
         x = self.layout_embed(layout + c * cell)  # [B, g*d, g*d, dim]
-        return x.view(b, g, d, g, d, -1).sum((2, 4)).view(b, g * g, -1)
+        return x.view(b, g, d, g, d, -1).sum((2, 4)).view(b, g * g, -1) / d
 
     def _group(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, D] in raster order -> [B, N / p^2, p^2 D], one row per p x p patch."""
@@ -331,36 +330,25 @@ class MaskGitTransformer(nn.Module, Pretrained):
         return self.loss(tokens, masked, *self.condition(**condition), self_cond_rows, coverage,
                          layout=layout)
 
-    def layout_logits(self, context, context_mask, layout: torch.Tensor | None = None
-                      ) -> torch.Tensor:
-        """A layout model's class logits for every layout cell from the condition and the
-        cells known so far (`layout` long [B, g*d, g*d], `unknown_layout` where not; None:
-        none known), every image token masked -> [B, g*d, g*d, layout_classes]."""
+    def layout_logits(self, context, context_mask) -> torch.Tensor:
+        """A layout model's class logits for every layout cell from the condition alone
+        (every image token masked: one pass) -> [B, g*d, g*d, layout_classes]."""
         c = self.config
         if not c.layout_model:
             raise ValueError("layout_logits: this model is not a layout model (stage 'layout')")
         b, g, d = context.shape[0], c.grid, c.layout_detail
         tokens = torch.full((b, self.num_tokens), self.mask_id, device=context.device)
-        if layout is None:
-            layout = torch.full((b, g * d, g * d), self.unknown_layout, device=context.device)
-        logits, _ = self.transformer(tokens, context, context_mask, layout=layout)
+        logits, _ = self.transformer(tokens, context, context_mask)  # [B, N, d*d*C]
         logits = logits.view(b, g, g, d, d, c.layout_classes).permute(0, 1, 3, 2, 4, 5)
-        return logits.reshape(b, g * d, g * d, c.layout_classes)  # from [B, N, d*d*C]
+        return logits.reshape(b, g * d, g * d, c.layout_classes)
 
-    def layout_loss(self, target: torch.Tensor, condition: dict,
-                    unknown: torch.Tensor | None = None):
-        """A layout model's loss: soft cross-entropy between the class mix `target` float
-        [B, g*d, g*d, C] (`MuseTask._layout`) of the `unknown` cells (bool [B, g*d, g*d];
-        None: all) and their predicted classes, the other cells given as their majority
-        class. -> (loss, accuracy of the argmax against the unknown cells' majority)."""
-        true = target.argmax(-1)
-        if unknown is None:
-            unknown = torch.ones_like(true, dtype=torch.bool)
-        layout = torch.where(unknown, self.unknown_layout, true)
-        logits = self.layout_logits(*self.condition(**condition), layout).float()
-        soft = -(target.float() * F.log_softmax(logits, -1)).sum(-1)
-        loss = soft[unknown].mean()
-        accuracy = (logits.argmax(-1) == true)[unknown].float().mean()
+    def layout_loss(self, target: torch.Tensor, condition: dict):
+        """A layout model's loss: soft cross-entropy between each cell's class mix `target`
+        float [B, g*d, g*d, C] (`MuseTask._layout`) and its predicted classes.
+        -> (loss, accuracy of the argmax against each cell's majority class)."""
+        logits = self.layout_logits(*self.condition(**condition)).float()
+        loss = -(target.float() * F.log_softmax(logits, -1)).sum(-1).mean()
+        accuracy = (logits.argmax(-1) == target.argmax(-1)).float().mean()
         return loss, accuracy.detach()
 
     def critic_loss(self, tokens, sampled: torch.Tensor, condition: dict):
@@ -780,9 +768,9 @@ class CriticTask(MuseTask):
 
 class LayoutTask(MuseTask):
     """A layout model: the segmentation class (background or a shape) of each layout cell
-    (a token, or a d x d part of one) from the caption, every image token masked, decoded
-    MaskGIT-style over the cells (t2i.generate.LayoutDrawer). A painter (`model.layout`)
-    paints image tokens on its layouts."""
+    (a token, or a d x d part of one) from the caption alone, every image token masked, in
+    one pass (t2i.generate.LayoutDrawer). A painter (`model.layout`) paints image tokens on
+    its layouts."""
 
     stage = "layout"
 
@@ -791,33 +779,27 @@ class LayoutTask(MuseTask):
         super().__init__(config, data, tokenizer)
 
     def losses(self, engines, batch, step):
-        """Cells hidden as image tokens are in MaskGIT: a share from the schedule, the rest
-        given; the hidden ones are scored."""
         mix = self._layout(batch)[0]
-        b, side = mix.shape[:2]
-        unknown = random_mask(b, side * side, self.config.schedule, mix.device)
-        loss, accuracy = engines["model"](mix, self._inputs(batch, training=True),
-                                          unknown.view(b, side, side), mode="layout")
+        loss, accuracy = engines["model"](mix, self._inputs(batch, training=True), mode="layout")
         yield "model", loss, {"ce": loss.item(), "accuracy": accuracy.item()}
 
     @torch.no_grad()
     def samples(self, model, batch):
-        """Rows: real images, their layouts, the layouts drawn for their captions (seed 0)."""
+        """Rows: real images, their layouts, the layouts drawn for their captions."""
         from t2i.generate import LayoutDrawer
 
         n, size = min(8, len(batch["image"])), batch["image"].shape[-1]
         cond = {"class_ids": class_labels(batch)[:n]} if self.config.condition == "class" \
             else {"texts": batch["caption"][:n]}
-        drawn = LayoutDrawer(model, self.tokenizer)(**cond, seed=0)
+        drawn = LayoutDrawer(model, self.tokenizer)(**cond)
         true = self._layout(batch)[1][:n]
         return [batch["image"][:n], layout_picture(true, size), layout_picture(drawn, size)]
 
     @torch.no_grad()
     def evaluate(self, model, batches):
-        """From the caption alone (every cell unknown: a drawing's first step): soft
-        cross-entropy against the class mixes, the argmax's accuracy against each cell's
-        majority class over all cells and over the cells an object holds (what carries the
-        shapes: a few percent of them)."""
+        """Soft cross-entropy against the class mixes; the argmax's accuracy against each
+        cell's majority class over all cells and over the cells an object holds (what
+        carries the shapes: a few percent of them)."""
         ce, hits, count, object_hits, objects = 0.0, 0, 0, 0, 0
         for batch in batches:
             mix, true = self._layout(batch)
