@@ -71,6 +71,8 @@ def _generate(args) -> None:
     if not prompts:
         raise ValueError("this model is class-conditional: give --class-id N" if class_mode
                          else "give at least one --prompt")
+    if args.layouts and pipe.layouts is None:
+        raise ValueError("--layouts: this model paints on no layout (not a painter)")
     cfg = args.cfg
     if cfg is None:  # guidance blurs a painter's shapes into blobs: none for painters
         cfg = None if pipe.layouts is not None else 3.0
@@ -82,6 +84,10 @@ def _generate(args) -> None:
                    critic=critic,
                    negative_texts=[args.negative] * args.num if args.negative else None)
         rows.append(out.images)
+        if args.layouts:  # the drawn layout under the images painted on it
+            from t2i.models.muse import layout_picture
+
+            rows.append(layout_picture(out.layout, out.images.shape[-1]))
     save_grid(rows, args.out, scale=args.scale)
     print(f"wrote {args.out}: {len(rows)} row(s) of {args.num} ({tuple(rows[0].shape[-2:])} px, "
           f"{args.steps} steps, cfg {cfg if cfg is not None else 'off'}, seed {args.seed})")
@@ -153,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "token-critic run directory")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--scale", type=int, default=4, help="pixel enlargement in the grid")
+    gen.add_argument("--layouts", action="store_true",
+                     help="painters: under each prompt's images, the layouts drawn for them")
     gen.add_argument("--out", required=True, help="PNG grid: one row per prompt")
     gen.set_defaults(run=_generate)
     return parser

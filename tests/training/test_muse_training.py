@@ -71,6 +71,8 @@ def test_a_tiny_muse_run_exports_a_generator(tiny_vqgan, synth_dir, ds_config, t
                  "--prompt", "a blue ring at the top", "--num", "3", "--steps", "3",
                  "--out", str(grid)]) == 0
     assert grid.exists()
+    assert main(["generate", "--model", out, "--prompt", "a red circle", "--layouts", "--out",
+                 str(grid)]) == 2  # a plain model has no layouts to show
     report = tmp_path / "report.json"
     probe = str(tmp_path / "probe")
     Trainer(tiny_config("probe", synth_dir, probe, steps=2), ds_config(2)).train()
@@ -184,8 +186,10 @@ def test_a_layout_model_then_a_painter_on_its_layouts_train_export_and_generate(
     assert torch.equal(generated.layout, load_layouts(layout_out)(prompts))
     grid = tmp_path / "grid.png"
     assert main(["generate", "--model", out, "--prompt", prompts[0], "--num", "2", "--steps",
-                 "2", "--out", str(grid)]) == 0
-    assert grid.exists() and "cfg off" in capsys.readouterr().out  # painters: no guidance
+                 "2", "--layouts", "--out", str(grid)]) == 0
+    printed = capsys.readouterr().out
+    assert "cfg off" in printed and "2 row(s)" in printed  # no guidance; images and layouts
+    assert grid.exists()
     critic = str(tmp_path / "critic")  # a token critic for a painter: on the true layouts
     config = _muse_config(synth_dir, critic, tiny_vqgan, "model.stage=critic",
                           f"model.base={out}", f"data.tokenizer={out}/export", steps=2)
