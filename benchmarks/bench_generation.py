@@ -80,15 +80,20 @@ def _record(record, gen, ours, batch, t_ours, t_ref, device):
 @pytest.mark.parametrize("batch", [1, 32])
 def bench_generation(benchmark, record, generator, batch, steps):
     benchmark.group = "generation: Muse base, 32 px, CFG 3 (images/s)"
-    ours = _with_backend("torch", lambda: _run(generator, batch, steps))
-    ref = _with_backend("reference", lambda: _run(generator, batch, steps))
+    _bench_cpu(benchmark, record, generator, batch, steps, 3.0)
+
+
+def _bench_cpu(benchmark, record, gen, batch, steps, cfg_scale):
+    """Gates, then the torch path against the reference path, interleaved; then the row."""
+    ours = _with_backend("torch", lambda: _run(gen, batch, steps, cfg_scale))
+    ref = _with_backend("reference", lambda: _run(gen, batch, steps, cfg_scale))
     first = ours()
     assert torch.equal(first.tokens, ours().tokens)  # gate: seeded decoding repeats itself
     if batch == 1:  # gate: the fast path draws exactly the reference path's tokens
         assert torch.equal(first.tokens, ref().tokens)
     t_ours, t_ref = interleaved_medians(ours, ref, rounds=3 if batch == 32 else 5)
     benchmark.pedantic(ours, rounds=3, iterations=1)
-    _record(record, generator, ours, batch, t_ours, t_ref, "cpu")
+    _record(record, gen, ours, batch, t_ours, t_ref, "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -108,15 +113,7 @@ def painter(generator):
 @pytest.mark.parametrize("batch", [1, 32])
 def bench_painter_generation(benchmark, record, painter, batch, steps):
     benchmark.group = "generation: Muse painter on drawn layouts, 32 px, no guidance (images/s)"
-    ours = _with_backend("torch", lambda: _run(painter, batch, steps, None))
-    ref = _with_backend("reference", lambda: _run(painter, batch, steps, None))
-    first = ours()
-    assert torch.equal(first.tokens, ours().tokens)  # gate: seeded decoding repeats itself
-    if batch == 1:  # gate: the fast path draws exactly the reference path's tokens
-        assert torch.equal(first.tokens, ref().tokens)
-    t_ours, t_ref = interleaved_medians(ours, ref, rounds=3 if batch == 32 else 5)
-    benchmark.pedantic(ours, rounds=3, iterations=1)
-    _record(record, painter, ours, batch, t_ours, t_ref, "cpu")
+    _bench_cpu(benchmark, record, painter, batch, steps, None)
 
 
 @pytest.fixture(scope="module")

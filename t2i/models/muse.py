@@ -3,7 +3,8 @@ masked image tokens, conditioned on text (or a class), decoded in a few parallel
 
     caption ids [B, T] -> TextEncoder -> context [B, T, C]            (or class -> [B, 1, C])
     image -> frozen VQGAN -> tokens [B, N]; some replaced by [MASK] (id = num_codes)
-    tokens -> embed + positions -> blocks (self-attn, cross-attn to context, MLP,
+    tokens -> embed (+ painters: the layout's embedding) + positions
+           -> blocks (self-attn, cross-attn to context, MLP,
               optionally a depthwise convolution over the position grid: `local_kernel`)
            -> logits over the codebook [B, N, num_codes]
 
@@ -12,7 +13,11 @@ scores the masked ones only, through `linear_cross_entropy` (no [B, N, V] logits
 the condition is replaced by a learned null one with probability `cond_dropout`, which is
 what classifier-free guidance needs. Optional self-conditioning feeds the previous pass's
 hidden states back in. A super-resolution stage is the same model with the low-resolution
-stage's tokens appended to its context (`low_res_codes` > 0). Decoding: t2i.generate.
+stage's tokens appended to its context (`low_res_codes` > 0). Layout first (the default
+run): a layout model (stage "layout", `layout_model`) learns each layout cell's
+segmentation class from the caption alone, every image token masked; a painter
+(`model.layout`: that run) learns the tokens with the true layout embedded in its input and
+generates on the layout model's. Decoding: t2i.generate.
 """
 
 import math
@@ -73,7 +78,7 @@ class MuseConfig:
     layout: str = ""  # a painter: the layout run whose layouts it paints on ("": none);
     # trained on the true layouts, generated on the layout model's (without guidance)
     layout_config: str = "training/configs/muse_layout_shapes.yaml"  # trains it when missing
-    layout_model: bool = False  # a layout model (stage "layout"): each token's class
+    layout_model: bool = False  # a layout model (stage "layout"): each cell's class
     layout_classes: int = len(SHAPES) + 1  # segmentation classes, background (0) included
     layout_detail: int = 1  # layout cells a token side: 1, a class a token (its majority);
     # 2, one for each of its 2 x 2 quarters (at 16 x 16 tokens of 32 px: every pixel)
