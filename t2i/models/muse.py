@@ -547,15 +547,17 @@ class MuseTask(Task):
         yield "model", loss, {"ce": loss.item(), "accuracy": accuracy.item(),
                               "masked": masked.float().mean().item()}
 
-    def _layout(self, batch):
+    def _layout(self, batch, config: MuseConfig | None = None):
         """-> (class mix float [B, g*d, g*d, C], each cell's majority class long
-        [B, g*d, g*d]) from the segmentation maps."""
+        [B, g*d, g*d]) from the segmentation maps, as `config` (default: this stage's)
+        draws layouts."""
+        c = config or self.config
         if not has_segmentation(batch.get("seg")):
             raise ValueError("layout models and painters (model.layout) need the segmentation "
                              "maps of every image (seg.png in the shards); this data set has "
                              "none")
-        side = self.config.grid * self.config.layout_detail
-        mix = class_mix(batch["seg"], side, self.config.layout_classes)
+        side = c.grid * c.layout_detail
+        mix = class_mix(batch["seg"], side, c.layout_classes)
         mix = mix.view(len(mix), side, side, -1).to(batch["image"].device)
         return mix, mix.argmax(-1)
 
@@ -741,7 +743,8 @@ class CriticTask(MuseTask):
     def _base_logits(self, inputs, batch, cond):
         """The base generator's logits for a partly masked map (a painter's: on the true
         layout)."""
-        layout = self._layout(batch)[1] if self.base.config.layout else None
+        base = self.base.config  # its grid and cells, not the critic's
+        layout = self._layout(batch, base)[1] if base.layout else None
         self.base.to(inputs.device)
         return self.base(inputs, *self.base.condition(**cond), layout=layout)[0]
 

@@ -162,10 +162,12 @@ def test_train_py_trains_the_missing_tokenizer_and_layout_model_first_then_the_p
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("detail", [1, 2])
 def test_a_layout_model_then_a_painter_on_its_layouts_train_export_and_generate(
-        tiny_vqgan, synth_dir, ds_config, tmp_path, capsys):
+        tiny_vqgan, synth_dir, ds_config, tmp_path, capsys, detail):
     layout_out, out = str(tmp_path / "layout"), str(tmp_path / "painter")
-    config = _muse_config(synth_dir, layout_out, tiny_vqgan, steps=2,
+    cells = f"model.layout_detail={detail}"
+    config = _muse_config(synth_dir, layout_out, tiny_vqgan, cells, steps=2,
                           config="muse_layout_shapes.yaml")
     metrics = Trainer(config, ds_config(2)).train()
     assert metrics["val_ce"] > 0 and 0 <= metrics["val_object_accuracy"] <= 1
@@ -173,7 +175,7 @@ def test_a_layout_model_then_a_painter_on_its_layouts_train_export_and_generate(
     with pytest.raises(ValueError, match="holds a layout model"):
         load(layout_out)
     trainer = Trainer(_muse_config(synth_dir, out, tiny_vqgan, f"model.layout={layout_out}",
-                                   steps=2), ds_config(2))
+                                   cells, steps=2), ds_config(2))
     metrics = trainer.train()
     assert metrics["val_ce"] > 0 and 0 <= metrics["val_object_accuracy"] <= 1
     assert "val_shape_word_gain" not in metrics  # tokens follow the layout, not the words
@@ -193,7 +195,7 @@ def test_a_layout_model_then_a_painter_on_its_layouts_train_export_and_generate(
     critic = str(tmp_path / "critic")  # a token critic for a painter: on the true layouts
     config = _muse_config(synth_dir, critic, tiny_vqgan, "model.stage=critic",
                           f"model.base={out}", f"data.tokenizer={out}/export", steps=2)
-    assert "val_accuracy" in Trainer(config, ds_config(2)).train()
+    assert "val_accuracy" in Trainer(config, ds_config(2)).train()  # base on its own cells
     judged = load(out, critic=critic)(prompts, steps=3, critic="critic", seed=0)
     assert judged.images.shape == (2, 3, 16, 16) and judged.layout is not None
     assert os.path.exists(os.path.join(out, "samples", "step_000002.png"))
