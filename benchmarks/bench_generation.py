@@ -98,11 +98,12 @@ def _bench_cpu(benchmark, record, gen, batch, steps, cfg_scale):
 
 @pytest.fixture(scope="module")
 def painter(generator):
-    """muse_shapes.yaml's painter and layout model on the same VQGAN and tokenizer."""
+    """muse_shapes.yaml's painter and layout model (pixel layouts: 2 x 2 cells a token) on
+    the same VQGAN and tokenizer."""
     torch.manual_seed(1)
     config = dict(num_codes=256, grid=16, patch=2, local_kernel=3, dim=192, depth=4, heads=6,
                   text_vocab=generator.tokenizer.vocab_size, text_length=96, text_dim=192,
-                  text_depth=2)
+                  text_depth=2, layout_detail=2)
     model = MaskGitTransformer(MuseConfig(layout="bench", **config)).eval()
     layouts = LayoutDrawer(MaskGitTransformer(MuseConfig(layout_model=True, **config)).eval(),
                            generator.tokenizer)
