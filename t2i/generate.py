@@ -186,7 +186,7 @@ class MuseGenerator:
                 raise ValueError("critic='critic' needs a generator loaded with a critic")
             critic = self.critic
         batch_size = batch_size or rows
-        outs = []
+        outs, drawn = [], []
         for start in range(0, rows, batch_size):
             sl = slice(start, start + batch_size)
             cond = {}
@@ -204,10 +204,10 @@ class MuseGenerator:
             if self.layouts is not None:  # a painter: the layout first, then the tokens on it
                 layout = self._timed(self.layouts, texts[sl] if texts is not None else None,
                                      class_ids[sl] if class_ids is not None else None)
+                drawn.append(layout)
             outs.append(self._decode(cond, negative, steps, schedule, temperature,
                                      remask_temperature, top_k, top_p, cfg_scale,
-                                     critic, remask_fixed, generator, return_steps, layout)
-                        + (layout,))
+                                     critic, remask_fixed, generator, return_steps, layout))
         tokens = torch.cat([o[0] for o in outs])
         grid = c.grid
         tokens = tokens.view(-1, grid, grid)
@@ -218,9 +218,7 @@ class MuseGenerator:
         if return_steps:
             history = [torch.cat([o[1][t] for o in outs]).view(-1, grid, grid)
                        for t in range(steps)]
-        layout = None
-        if self.layouts is not None:
-            layout = torch.cat([o[2] for o in outs])
+        layout = torch.cat(drawn) if drawn else None
         return Generated(images=images, tokens=tokens, steps=history, layout=layout)
 
     def _timed(self, fn, *args, **kwargs):

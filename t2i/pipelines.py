@@ -14,12 +14,11 @@ import os
 
 from t2i.data import load_tokenizer
 from t2i.generate import LayoutDrawer, MuseGenerator
-from t2i.models import load_pretrained
+from t2i.models import export_path, load_pretrained
 
 
 def _export_dir(run_dir: str) -> str:
-    path = os.path.join(run_dir, "export")
-    path = path if os.path.isdir(path) else run_dir
+    path = export_path(run_dir)
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{run_dir}: no exported model (export/config.json); a "
                                 f"training run writes one at every checkpoint")

@@ -44,6 +44,13 @@ def save_pretrained(model, out_dir: str, *, family: str, stage: str,
     os.replace(os.path.join(out_dir, "config.json.tmp"), os.path.join(out_dir, "config.json"))
 
 
+def export_path(path: str) -> str:
+    """Where a run's exported model lives: `path`/export when the run has one, else `path`
+    itself (an export folder given directly)."""
+    export = os.path.join(path, "export")
+    return export if os.path.isdir(export) else path
+
+
 def load_pretrained(path: str, expect: type | None = None):
     """The model exported to `path` (a run directory or its export/ folder), in eval mode.
     Needs neither DeepSpeed nor the training code."""
@@ -51,8 +58,7 @@ def load_pretrained(path: str, expect: type | None = None):
 
     from t2i.training.config import from_dict
 
-    if os.path.isdir(os.path.join(path, "export")):
-        path = os.path.join(path, "export")
+    path = export_path(path)
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{path}: no exported model (config.json); a training run "

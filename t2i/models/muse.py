@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from t2i.data.scenes import SHAPES, swap_shape
-from t2i.models import Pretrained, load_pretrained, save_pretrained
+from t2i.models import Pretrained, export_path, load_pretrained, save_pretrained
 from t2i.modules.attention import LearnedPositions, TransformerBlock
 from t2i.training.task import Task, TokenCache
 from t2i_kernels import linear_cross_entropy, lowest_k_mask
@@ -176,6 +176,11 @@ class MaskGitTransformer(nn.Module, Pretrained):
         if c.layout:  # a painter: each token's cells' classes, embedded (a table a cell
             # position), summed and added to its input
             self.layout_embed = nn.Embedding(cells * c.layout_classes, c.dim)
+            # each cell's table (its position inside its token) as an offset into the
+            # embedding: [g*d, g*d], made once here rather than at every decoding step
+            d = torch.arange(c.layout_detail)
+            cell = (d[:, None] * c.layout_detail + d).repeat(c.grid, c.grid)
+            self.register_buffer("layout_table", cell * c.layout_classes, persistent=False)
         if c.critic:
             self.kind = "critic"
         if c.layout_model:
@@ -271,13 +276,11 @@ class MaskGitTransformer(nn.Module, Pretrained):
         cells' class embeddings, each cell position with its own table, over d (the d^2
         unit-variance embeddings then sum to the token embedding's scale)."""
         b = layout.shape[0]
-        d, g, c = self.config.layout_detail, self.config.grid, self.config.layout_classes
+        d, g = self.config.layout_detail, self.config.grid
         if layout.shape[1:] != (g * d, g * d):
             raise ValueError(f"layout: expected maps of {g * d}x{g * d} cells, got "
                              f"{tuple(layout.shape[1:])}")
-        cell = torch.arange(d, device=layout.device)
-        cell = (cell[:, None] * d + cell).repeat(g, g)  # [g*d, g*d]: position in its token
-        x = self.layout_embed(layout + c * cell)  # [B, g*d, g*d, dim]
+        x = self.layout_embed(layout + self.layout_table)  # [B, g*d, g*d, dim]
         return x.view(b, g, d, g, d, -1).sum((2, 4)).view(b, g * g, -1) / d
 
     def _group(self, x: torch.Tensor) -> torch.Tensor:
@@ -663,8 +666,7 @@ def layout_picture(layout: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _exported(path: str) -> bool:
-    return os.path.exists(os.path.join(path, "export", "config.json")) or \
-        os.path.exists(os.path.join(path, "config.json"))
+    return os.path.exists(os.path.join(export_path(path), "config.json"))
 
 
 def _load_layouts(config: MuseConfig):
@@ -708,8 +710,7 @@ class CriticTask(MuseTask):
         config.critic = True
         self.base = load_pretrained(config.base, expect=MaskGitTransformer)
         self.base.requires_grad_(False)
-        export = os.path.join(config.base, "export")
-        export = export if os.path.isdir(export) else config.base
+        export = export_path(config.base)
         config.tokenizer = os.path.join(export, "vqgan")
         super().__init__(config, data, tokenizer)
         self.base_layouts = None  # a painter base: true layouts here, its layout model's in
