@@ -87,7 +87,7 @@ def _generate(args) -> None:
         if args.layouts:  # the drawn layout under the images painted on it
             from t2i.models.muse import layout_picture
 
-            rows.append(layout_picture(out.layout, out.images.shape[-1]))
+            rows.append(layout_picture(out.layout, out.images.shape[-1], pipe.model.config))
     save_grid(rows, args.out, scale=args.scale)
     print(f"wrote {args.out}: {len(rows)} row(s) of {args.num} ({tuple(rows[0].shape[-2:])} px, "
           f"{args.steps} steps, cfg {cfg if cfg is not None else 'off'}, seed {args.seed})")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from t2i.images import to_pil
-from t2i.models.muse import SCHEDULES, mask_ratio
+from t2i.models.muse import SCHEDULES, mask_ratio, pick_layout
 from t2i_kernels import lowest_k_mask, sample_logits
 
 
@@ -72,9 +72,10 @@ def encode_texts(tokenizer, texts: Sequence[str], device, warn: bool = True):
 
 
 class LayoutDrawer:
-    """Captions (or class ids) -> layouts: the segmentation class of each layout cell,
-    drawn by a layout model (MaskGitTransformer with config.layout_model, read with its own
-    caption tokenizer) in one pass: each cell's most likely class."""
+    """Captions (or class ids) -> layouts: the segmentation class (and colour) of each
+    layout cell, drawn by a layout model (MaskGitTransformer with config.layout_model, read
+    with its own caption tokenizer) in one pass: each cell's most likely class (`pick_layout`).
+    """
 
     def __init__(self, model, tokenizer=None):
         if not model.config.layout_model:
@@ -92,7 +93,7 @@ class LayoutDrawer:
             ctx = model.condition(text=ids, text_mask=mask)
         else:
             ctx = model.condition(class_ids=torch.as_tensor(class_ids).to(device))
-        return model.layout_logits(*ctx).argmax(-1)
+        return pick_layout(model.layout_logits(*ctx), model.config.layout_classes)
 
 
 class MuseGenerator:

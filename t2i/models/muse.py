@@ -28,13 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from t2i.data.scenes import SHAPES, swap_shape
+from t2i.data.scenes import COLOUR_NAMES, COLOURS, SHAPES, swap_shape
 from t2i.models import Pretrained, export_path, load_pretrained, save_pretrained
 from t2i.modules.attention import LearnedPositions, TransformerBlock
 from t2i.training.task import Task, TokenCache
 from t2i_kernels import linear_cross_entropy, lowest_k_mask
 
 SCHEDULES = ("cosine", "arccos", "linear")
+COLOUR_CLASSES = len(COLOUR_NAMES) + 1  # a layout cell's colour: none (0) or a scene colour
 
 
 def mask_ratio(progress: torch.Tensor | float, schedule: str = "cosine"):
@@ -82,6 +83,8 @@ class MuseConfig:
     layout_classes: int = len(SHAPES) + 1  # segmentation classes, background (0) included
     layout_detail: int = 1  # layout cells a token side: 1, a class a token (its majority);
     # 2, one for each of its 2 x 2 quarters (at 16 x 16 tokens of 32 px: every pixel)
+    layout_colour: bool = False  # each cell also holds its object's colour (`colour_map`)
+    layout_colour_weight: float = 0.25  # a layout model's colour term beside its classes'
     low_res_tokenizer: str = ""  # super-resolution: the low-res stage's VQGAN run ("": base)
     low_res_size: int = 32  # super-resolution: the low-res stage's image side
     low_res_codes: int = 0  # its codebook size (0: from low_res_tokenizer)
@@ -139,6 +142,9 @@ class MaskGitTransformer(nn.Module, Pretrained):
                              "(model.layout must be empty)")
         if c.layout_detail < 1:
             raise ValueError(f"model.layout_detail must be >= 1, got {c.layout_detail}")
+        if c.layout_colour_weight < 0:
+            raise ValueError(f"model.layout_colour_weight must be >= 0, got "
+                             f"{c.layout_colour_weight}")
         self.mask_id = c.num_codes
         self.num_tokens = c.grid * c.grid
         self.token_embed = nn.Embedding(c.num_codes + 1, c.dim)
@@ -169,18 +175,22 @@ class MaskGitTransformer(nn.Module, Pretrained):
                                        for _ in range(c.depth))
         self.norm = nn.LayerNorm(c.dim)
         cells = c.layout_detail ** 2  # layout cells a token
-        outputs = 1 if c.critic else cells * c.layout_classes if c.layout_model else c.num_codes
+        width = layout_width(c)  # a painter's embeddings a cell
+        # a layout model's scores a cell: classes, then scene colours (not "none": the
+        # background's colour is no target)
+        scores = c.layout_classes + (len(COLOUR_NAMES) if c.layout_colour else 0)
+        outputs = 1 if c.critic else cells * scores if c.layout_model else c.num_codes
         self.head = nn.Linear(c.dim, outputs)
         if c.coverage_weight:  # a training aid: generation never calls it
             self.coverage = nn.Linear(c.dim, 1)
-        if c.layout:  # a painter: each token's cells' classes, embedded (a table a cell
-            # position), summed and added to its input
-            self.layout_embed = nn.Embedding(cells * c.layout_classes, c.dim)
+        if c.layout:  # a painter: each token's cells' classes (and colours), embedded (a
+            # table a cell position), summed and added to its input
+            self.layout_embed = nn.Embedding(cells * width, c.dim)
             # each cell's table (its position inside its token) as an offset into the
             # embedding: [g*d, g*d], made once here rather than at every decoding step
             d = torch.arange(c.layout_detail)
             cell = (d[:, None] * c.layout_detail + d).repeat(c.grid, c.grid)
-            self.register_buffer("layout_table", cell * c.layout_classes, persistent=False)
+            self.register_buffer("layout_table", cell * width, persistent=False)
         if c.critic:
             self.kind = "critic"
         if c.layout_model:
@@ -252,7 +262,8 @@ class MaskGitTransformer(nn.Module, Pretrained):
                     return_logits: bool = True, layout: torch.Tensor | None = None):
         """tokens long [B, N] (mask id = num_codes) -> (logits [B, N, V] or None,
         hidden [B, N, dim]). `layout` long [B, g*d, g*d] (d = layout_detail): the class of
-        each cell of the token grid (painters)."""
+        each cell of the token grid, with `layout_colour` class + layout_classes x colour
+        (painters)."""
         x = self.token_embed(tokens)  # [B, N, dim]
         if layout is not None:
             x = x + self._layout_features(layout)
@@ -273,14 +284,20 @@ class MaskGitTransformer(nn.Module, Pretrained):
 
     def _layout_features(self, layout: torch.Tensor) -> torch.Tensor:
         """Layout map long [B, g*d, g*d] -> [B, N, dim]: per token, the sum of its d x d
-        cells' class embeddings, each cell position with its own table, over d (the d^2
-        unit-variance embeddings then sum to the token embedding's scale)."""
-        b = layout.shape[0]
-        d, g = self.config.layout_detail, self.config.grid
+        cells' class embeddings (and, with `layout_colour`, colour embeddings), each cell
+        position with its own table, over d (the d^2 unit-variance class embeddings then
+        sum to the token embedding's scale)."""
+        c = self.config
+        b, d, g = layout.shape[0], c.layout_detail, c.grid
         if layout.shape[1:] != (g * d, g * d):
             raise ValueError(f"layout: expected maps of {g * d}x{g * d} cells, got "
                              f"{tuple(layout.shape[1:])}")
-        x = self.layout_embed(layout + self.layout_table)  # [B, g*d, g*d, dim]
+        if c.layout_colour:  # the class's rows, then the colour's, in each cell's table
+            x = self.layout_embed(layout % c.layout_classes + self.layout_table) + \
+                self.layout_embed(layout // c.layout_classes + c.layout_classes +
+                                  self.layout_table)
+        else:
+            x = self.layout_embed(layout + self.layout_table)  # [B, g*d, g*d, dim]
         return x.view(b, g, d, g, d, -1).sum((2, 4)).view(b, g * g, -1) / d
 
     def _group(self, x: torch.Tensor) -> torch.Tensor:
@@ -339,24 +356,29 @@ class MaskGitTransformer(nn.Module, Pretrained):
                          layout=layout)
 
     def layout_logits(self, context, context_mask) -> torch.Tensor:
-        """A layout model's class logits for every layout cell from the condition alone
-        (every image token masked: one pass) -> [B, g*d, g*d, layout_classes]."""
+        """A layout model's logits for every layout cell from the condition alone (every
+        image token masked: one pass) -> [B, g*d, g*d, W]: its layout_classes class logits,
+        then with `layout_colour` a logit for each scene colour (`pick_layout`)."""
         c = self.config
         if not c.layout_model:
             raise ValueError("layout_logits: this model is not a layout model (stage 'layout')")
         b, g, d = context.shape[0], c.grid, c.layout_detail
         tokens = torch.full((b, self.num_tokens), self.mask_id, device=context.device)
         logits, _ = self.transformer(tokens, context, context_mask)  # [B, N, d*d*C]
-        logits = logits.view(b, g, g, d, d, c.layout_classes).permute(0, 1, 3, 2, 4, 5)
-        return logits.reshape(b, g * d, g * d, c.layout_classes)
+        w = logits.shape[-1] // (d * d)
+        logits = logits.view(b, g, g, d, d, w).permute(0, 1, 3, 2, 4, 5)
+        return logits.reshape(b, g * d, g * d, w)
 
     def layout_loss(self, target: torch.Tensor, condition: dict):
         """A layout model's loss: soft cross-entropy between each cell's class mix `target`
-        float [B, g*d, g*d, C] (`MuseTask._layout`) and its predicted classes.
-        -> (loss, accuracy of the argmax against each cell's majority class)."""
+        float [B, g*d, g*d, W] (`MuseTask._layout`) and its predicted classes (with
+        `layout_colour`: plus that of the object's colour where a cell shows one).
+        -> (loss, accuracy of the class argmax against each cell's majority class)."""
         logits = self.layout_logits(*self.condition(**condition)).float()
-        loss = -(target.float() * F.log_softmax(logits, -1)).sum(-1).mean()
-        accuracy = (logits.argmax(-1) == target.argmax(-1)).float().mean()
+        c = self.config
+        loss = layout_ce(logits, target.float(), c.layout_classes, c.layout_colour_weight).mean()
+        k = self.config.layout_classes
+        accuracy = (logits[..., :k].argmax(-1) == target[..., :k].argmax(-1)).float().mean()
         return loss, accuracy.detach()
 
     def critic_loss(self, tokens, sampled: torch.Tensor, condition: dict):
@@ -418,6 +440,49 @@ def class_mix(seg: torch.Tensor, grid: int, classes: int) -> torch.Tensor:
                          f", got {int(seg.min())}..{int(seg.max())}")
     onehot = F.one_hot(seg.long(), classes).permute(0, 3, 1, 2).float()
     return F.avg_pool2d(onehot, seg.shape[-1] // grid).flatten(2).transpose(1, 2)
+
+
+def layout_width(config: MuseConfig) -> int:
+    """A painter's embeddings a layout cell: its classes, and with `layout_colour` its
+    COLOUR_CLASSES colours (none included)."""
+    return config.layout_classes + (COLOUR_CLASSES if config.layout_colour else 0)
+
+
+def layout_ce(logits: torch.Tensor, target: torch.Tensor, classes: int,
+              colour_weight: float = 1.0) -> torch.Tensor:
+    """Soft cross-entropy a cell [...] of a layout model's logits [..., W] against a mix
+    [..., W'] (`MuseTask._layout`): of the first `classes` scores against the class mix,
+    plus (W > classes) `colour_weight` x that of the scene-colour scores against the mix's
+    scene colours, whose mass is the share of the cell an object covers (the background's
+    colour is no target: the classes say where objects are, the colours only which colour
+    they have)."""
+    ce = -(target[..., :classes] * F.log_softmax(logits[..., :classes], -1)).sum(-1)
+    if logits.shape[-1] > classes:
+        colours = len(COLOUR_NAMES)
+        ce = ce - colour_weight * (target[..., -colours:] *
+                                   F.log_softmax(logits[..., -colours:], -1)).sum(-1)
+    return ce
+
+
+def pick_layout(scores: torch.Tensor, classes: int) -> torch.Tensor:
+    """Scores or mixes [..., W] -> each cell's layout long [...]: its most likely class,
+    and (W > classes) + classes x its colour, 1 + its most likely scene colour where the
+    class is an object's (0 on the background)."""
+    out = scores[..., :classes].argmax(-1)
+    if scores.shape[-1] > classes:
+        colour = scores[..., -len(COLOUR_NAMES):].argmax(-1) + 1
+        out = out + classes * torch.where(out > 0, colour, 0)
+    return out
+
+
+def colour_map(images: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    """Images [B, 3, H, W] in [-1, 1] and their segmentation maps long [B, H, W] -> each
+    pixel's colour class long [B, H, W]: 0 on the background, else 1 + the index in
+    COLOUR_NAMES of the scene colour nearest to the pixel's."""
+    palette = torch.tensor([COLOURS[c] for c in COLOUR_NAMES], dtype=torch.float32,
+                           device=images.device) / 127.5 - 1
+    distance = (images.float().permute(0, 2, 3, 1)[..., None, :] - palette).square().sum(-1)
+    return torch.where(seg.to(images.device) > 0, distance.argmin(-1) + 1, 0)
 
 
 def object_coverage(seg: torch.Tensor | None, grid: int) -> torch.Tensor:
@@ -511,8 +576,10 @@ class MuseTask(Task):
         layout = model.get("layout", MuseConfig.layout)
         if layout and not _exported(layout):  # drawn on this painter's grid and cells
             detail = model.get("layout_detail", MuseConfig.layout_detail)
+            colour = model.get("layout_colour", MuseConfig.layout_colour)
             return model.get("layout_config", MuseConfig.layout_config), [
-                f"run.out={layout}", f"model.tokenizer={path}", f"model.layout_detail={detail}"]
+                f"run.out={layout}", f"model.tokenizer={path}", f"model.layout_detail={detail}",
+                f"model.layout_colour={str(colour).lower()}"]
         return None
 
     def _tokens(self, images: torch.Tensor) -> torch.Tensor:
@@ -551,9 +618,10 @@ class MuseTask(Task):
                               "masked": masked.float().mean().item()}
 
     def _layout(self, batch, config: MuseConfig | None = None):
-        """-> (class mix float [B, g*d, g*d, C], each cell's majority class long
-        [B, g*d, g*d]) from the segmentation maps, as `config` (default: this stage's)
-        draws layouts."""
+        """-> (class mix float [B, g*d, g*d, W], each cell's layout long [B, g*d, g*d]:
+        `pick_layout`) from the segmentation maps (and, with `layout_colour`, the colours
+        the images show on their objects), as `config` (default: this stage's) draws
+        layouts."""
         c = config or self.config
         if not has_segmentation(batch.get("seg")):
             raise ValueError("layout models and painters (model.layout) need the segmentation "
@@ -561,8 +629,11 @@ class MuseTask(Task):
                              "none")
         side = c.grid * c.layout_detail
         mix = class_mix(batch["seg"], side, c.layout_classes)
+        if c.layout_colour:
+            colours = colour_map(batch["image"], batch["seg"]).to(mix.device)
+            mix = torch.cat([mix, class_mix(colours, side, COLOUR_CLASSES)], -1)
         mix = mix.view(len(mix), side, side, -1).to(batch["image"].device)
-        return mix, mix.argmax(-1)
+        return mix, pick_layout(mix, c.layout_classes)
 
     @torch.no_grad()
     def samples(self, model, batch):
@@ -582,7 +653,8 @@ class MuseTask(Task):
             out = gen(**cond, seed=0)
             size = batch["image"].shape[-1]
             true = self._layout(batch)[1][:n]
-            return rows + [layout_picture(true, size), layout_picture(out.layout, size),
+            return rows + [layout_picture(true, size, self.config),
+                           layout_picture(out.layout, size, self.config),
                            out.images]
         for cfg in (3.0, None):
             rows.append(gen(**cond, **extra, seed=0, cfg_scale=cfg).images)
@@ -657,12 +729,18 @@ class LowRes:
         return self.vqgan.encode(small).flatten(1)
 
 
-def layout_picture(layout: torch.Tensor, size: int) -> torch.Tensor:
-    """Layout maps long [B, h, w] -> pictures [B, 3, size, size] in [-1, 1], a colour a
-    class."""
+def layout_picture(layout: torch.Tensor, size: int, config: MuseConfig) -> torch.Tensor:
+    """Layout maps long [B, h, w] -> pictures [B, 3, size, size] in [-1, 1]: a colour a
+    class, or (`layout_colour`) each object cell in its colour on black."""
     from t2i.models.vqseg import colourise
 
-    return F.interpolate(colourise(layout), size=(size, size), mode="nearest")
+    if config.layout_colour:
+        palette = torch.tensor([(0, 0, 0)] + [COLOURS[c] for c in COLOUR_NAMES],
+                               device=layout.device) / 127.5 - 1
+        picture = palette[layout // config.layout_classes].permute(0, 3, 1, 2)
+    else:
+        picture = colourise(layout)
+    return F.interpolate(picture, size=(size, size), mode="nearest")
 
 
 def _exported(path: str) -> bool:
@@ -679,13 +757,15 @@ def _load_layouts(config: MuseConfig):
         raise ValueError(f"model.layout: {config.layout} has no exported layout model; train "
                          f"it first (train.py does so itself from model.layout_config)") from None
     c = layouts.model.config
-    theirs = (c.grid * c.layout_detail, c.layout_classes, c.condition)
-    ours = (config.grid * config.layout_detail, config.layout_classes, config.condition)
+    theirs = (c.grid * c.layout_detail, c.layout_classes, c.condition, c.layout_colour)
+    ours = (config.grid * config.layout_detail, config.layout_classes, config.condition,
+            config.layout_colour)
     if theirs != ours:
         raise ValueError(f"model.layout: {config.layout} draws layouts of {theirs[0]}x"
                          f"{theirs[0]} cells of {theirs[1]} classes from a {theirs[2]} "
-                         f"condition; this painter needs {ours[0]}x{ours[0]}, {ours[1]} and "
-                         f"{ours[2]} (model.layout_detail, layout_classes, condition)")
+                         f"condition, colours {theirs[3]}; this painter needs {ours[0]}x"
+                         f"{ours[0]}, {ours[1]}, {ours[2]} and {ours[3]} (model.layout_detail,"
+                         f" layout_classes, condition, layout_colour)")
     layouts.model.requires_grad_(False)
     return layouts
 
@@ -802,25 +882,31 @@ class LayoutTask(MuseTask):
             else {"texts": batch["caption"][:n]}
         drawn = LayoutDrawer(model, self.tokenizer)(**cond)
         true = self._layout(batch)[1][:n]
-        return [batch["image"][:n], layout_picture(true, size), layout_picture(drawn, size)]
+        return [batch["image"][:n], layout_picture(true, size, self.config),
+                layout_picture(drawn, size, self.config)]
 
     @torch.no_grad()
     def evaluate(self, model, batches):
-        """Soft cross-entropy against the class mixes; the argmax's accuracy against each
-        cell's majority class over all cells and over the cells an object holds (what
-        carries the shapes: a few percent of them)."""
-        ce, hits, count, object_hits, objects = 0.0, 0, 0, 0, 0
+        """Soft cross-entropy against the class mixes; the class argmax's accuracy against
+        each cell's majority class over all cells and over the cells an object holds (what
+        carries the shapes: a few percent of them); with `layout_colour` also the colour
+        argmax's accuracy over those object cells."""
+        k = self.config.layout_classes
+        ce, hits, count, object_hits, objects, colour_hits = 0.0, 0, 0, 0, 0, 0
         for batch in batches:
             mix, true = self._layout(batch)
             logits = model.layout_logits(*model.condition(**self._inputs(batch))).float()
-            ce += float(-(mix * F.log_softmax(logits, -1)).sum())
-            right = logits.argmax(-1) == true
+            ce += float(layout_ce(logits, mix, k, self.config.layout_colour_weight).sum())
+            drawn = pick_layout(logits, k)
+            right, on = drawn % k == true % k, true % k > 0
             hits, count = hits + int(right.sum()), count + true.numel()
-            object_hits, objects = object_hits + int(right[true > 0].sum()), \
-                objects + int((true > 0).sum())
+            object_hits, objects = object_hits + int(right[on].sum()), objects + int(on.sum())
+            colour_hits += int((drawn // k == true // k)[on].sum())
         out = {"val_ce": ce / count, "val_accuracy": hits / count}
         if objects:
             out["val_object_accuracy"] = object_hits / objects
+            if self.config.layout_colour:
+                out["val_colour_accuracy"] = colour_hits / objects
         return out
 
     def export(self, path: str) -> None:

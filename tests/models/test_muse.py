@@ -8,13 +8,18 @@ import pytest
 import torch
 
 from t2i.data import ByteTokenizer
+from t2i.data.scenes import COLOURS
 from t2i.generate import LayoutDrawer, MuseGenerator, masked_counts
 from t2i.models.muse import (
+    COLOUR_CLASSES,
     LocalMix,
     LowRes,
     MaskGitTransformer,
     MuseConfig,
+    MuseTask,
     class_mix,
+    colour_map,
+    layout_picture,
     mask_ratio,
     object_coverage,
     random_mask,
@@ -209,6 +214,95 @@ def test_a_painter_paints_on_the_layout_it_is_given(detail):
         _model(layout="runs/layout", critic=True)
     with pytest.raises(ValueError, match="cells"):
         model.loss(tokens, masked, *ctx, layout=layout[:, :2])
+
+
+def test_colour_map_reads_each_object_pixels_nearest_scene_colour():
+    image = torch.full((1, 3, 2, 3), 0.0)  # grey: the background
+    rgb = {(0, 0): (225, 45, 35), (0, 1): (40, 70, 225), (1, 2): (250, 125, 180)}
+    for (y, x), c in rgb.items():  # near red, blue, pink
+        image[0, :, y, x] = torch.tensor(c) / 127.5 - 1
+    seg = torch.tensor([[[1, 2, 0], [0, 0, 3]]])
+    image[0, :, 1, 0] = torch.tensor(COLOURS["green"]) / 127.5 - 1  # a colour, no object
+    names = list(COLOURS)
+    want = torch.tensor([[[1 + names.index("red"), 1 + names.index("blue"), 0],
+                          [0, 0, 1 + names.index("pink")]]])
+    assert torch.equal(colour_map(image, seg), want)
+
+
+def test_true_layouts_with_colours_hold_each_cells_class_and_its_objects_colour():
+    seg = torch.zeros(1, 4, 4, dtype=torch.long)
+    seg[0, :2, :2], seg[0, 3, 3] = 2, 1
+    image = torch.zeros(1, 3, 4, 4)  # grey background
+    image[:, :, :2, :2] = (torch.tensor(COLOURS["cyan"]) / 127.5 - 1)[None, :, None, None]
+    image[:, :, 3, 3] = torch.tensor(COLOURS["orange"]) / 127.5 - 1
+    config = MuseConfig(grid=2, layout_detail=2, layout_classes=3, layout_colour=True)
+    mix, layout = MuseTask._layout(None, {"seg": seg, "image": image}, config)
+    assert mix.shape == (1, 4, 4, 3 + COLOUR_CLASSES)
+    names = list(COLOURS)
+    want = torch.zeros(1, 4, 4, dtype=torch.long)
+    want[0, :2, :2], want[0, 3, 3] = 2 + 3 * (1 + names.index("cyan")), \
+        1 + 3 * (1 + names.index("orange"))
+    assert torch.equal(layout, want)
+    config.layout_detail = 1  # a cell a token: the majority class, its objects' colour
+    mix, layout = MuseTask._layout(None, {"seg": seg, "image": image}, config)
+    assert torch.equal(layout, torch.tensor([[[2 + 3 * (1 + names.index("cyan")), 0], [0, 0]]]))
+    torch.testing.assert_close(mix[0, 1, 1, 3 + 1 + names.index("orange")], torch.tensor(0.25))
+
+
+def test_a_layout_model_with_colours_learns_each_object_cells_colour_beside_the_classes():
+    model = _model(layout_model=True, layout_classes=3, layout_colour=True).train()
+    assert model.head.out_features == 3 + 8  # classes, then the eight scene colours
+    texts = ["a red circle on the left", "a small blue ring at the top"]
+    ids, mask = TOKENIZER(texts)
+    g = torch.Generator().manual_seed(5)
+    classes = torch.softmax(torch.randn(2, 4, 4, 3, generator=g), -1)
+    # the colour mix: "none" as much as the background, the rest spread over the colours
+    colours = torch.softmax(torch.randn(2, 4, 4, 8, generator=g), -1) * (1 - classes[..., :1])
+    target = torch.cat([classes, classes[..., :1], colours], -1)  # as MuseTask._layout
+    assert target.shape[-1] == 3 + COLOUR_CLASSES
+    loss, accuracy = model(target, {"text": ids, "text_mask": mask}, mode="layout")
+    logits = model.layout_logits(*model.condition(text=ids, text_mask=mask))
+    assert logits.shape == (2, 4, 4, 11)
+    shapes, hues = logits[..., :3], logits[..., 3:]
+    # by hand: the classes' soft cross-entropy, plus the colours' weighted by object share
+    soft = -(classes * torch.log_softmax(shapes, -1)).sum(-1).mean() \
+        - 0.25 * (colours * torch.log_softmax(hues, -1)).sum(-1).mean()  # layout_colour_weight
+    torch.testing.assert_close(loss, soft, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(accuracy, (shapes.argmax(-1) == classes.argmax(-1))
+                               .float().mean())
+    loss.backward()
+    assert model.head.weight.grad[3:].abs().sum() > 0  # the colour scores learn too
+    drawn = LayoutDrawer(model, TOKENIZER)(texts)  # class + 3 x colour (none on background)
+    shape = shapes.argmax(-1)
+    assert torch.equal(drawn, shape + 3 * torch.where(shape > 0, hues.argmax(-1) + 1, 0))
+    assert bool((drawn < 3).any()) and bool((drawn >= 3).any())  # both kinds of cell here
+    picture = layout_picture(drawn, 8, model.config)  # each cell in its colour, or black
+    palette = torch.tensor([(0, 0, 0)] + list(COLOURS.values())) / 127.5 - 1
+    torch.testing.assert_close(picture[:, :, ::2, ::2],
+                               palette[drawn // 3].permute(0, 3, 1, 2))
+
+
+def test_a_painter_with_colours_adds_each_cells_class_and_colour_embeddings():
+    model = _model(layout="runs/layout", layout_classes=3, layout_colour=True,
+                   layout_detail=2).train()
+    width = 3 + COLOUR_CLASSES
+    assert model.layout_embed.num_embeddings == 4 * width
+    g = torch.Generator().manual_seed(6)
+    layout = torch.randint(0, 3, (2, 8, 8), generator=g) + \
+        3 * torch.randint(0, COLOUR_CLASSES, (2, 8, 8), generator=g)
+    table = model.layout_embed.weight
+    want = torch.zeros(2, 16, 32)
+    for y in range(8):
+        for x in range(8):
+            cell = (y % 2) * 2 + x % 2
+            cls, colour = layout[:, y, x] % 3, layout[:, y, x] // 3
+            want[:, (y // 2) * 4 + x // 2] += (table[cell * width + cls] +
+                                               table[cell * width + 3 + colour]) / 2
+    torch.testing.assert_close(model._layout_features(layout), want, rtol=1e-5, atol=1e-6)
+    recoloured = layout.clone()
+    recoloured[:, 0, 0] = recoloured[:, 0, 0] % 3 + 3 * ((recoloured[:, 0, 0] // 3 + 1) %
+                                                       COLOUR_CLASSES)
+    assert not torch.allclose(model._layout_features(recoloured)[:, 0], want[:, 0])
 
 
 def test_a_painter_generates_on_the_layouts_its_layout_model_draws_once_a_batch(

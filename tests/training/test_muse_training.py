@@ -146,6 +146,7 @@ def test_train_py_trains_the_missing_tokenizer_and_layout_model_first_then_the_p
             "--deepspeed_config", ds_config(3), *_muse_overrides(synth_dir, out, tokenizer),
             f"model.tokenizer_config={vq_config}", f"model.layout={layout}",
             f"model.layout_config={layout_config}", "model.layout_detail=2",  # passed on
+            "model.layout_colour=true",  # passed on too
             "model.coverage_weight=0.5"]  # its head too is partitioned by ZeRO-3
     result = subprocess.run(train_command(*args, processes=2), cwd=REPO, capture_output=True,
                             text=True, timeout=600, env=clean_env())
@@ -154,6 +155,7 @@ def test_train_py_trains_the_missing_tokenizer_and_layout_model_first_then_the_p
         assert os.path.exists(os.path.join(run, "export", "model.safetensors"))
     meta = json.load(open(os.path.join(layout, "export", "config.json")))
     assert meta["stage"] == "layout" and meta["model"]["layout_detail"] == 2
+    assert meta["model"]["layout_colour"] is True
     for part in ("vqgan", "layout"):
         assert os.path.exists(os.path.join(out, "export", part, "model.safetensors"))
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
@@ -162,20 +164,21 @@ def test_train_py_trains_the_missing_tokenizer_and_layout_model_first_then_the_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("detail", [1, 2])
+@pytest.mark.parametrize("detail,colour", [(1, "false"), (2, "true")])
 def test_a_layout_model_then_a_painter_on_its_layouts_train_export_and_generate(
-        tiny_vqgan, synth_dir, ds_config, tmp_path, capsys, detail):
+        tiny_vqgan, synth_dir, ds_config, tmp_path, capsys, detail, colour):
     layout_out, out = str(tmp_path / "layout"), str(tmp_path / "painter")
-    cells = f"model.layout_detail={detail}"
-    config = _muse_config(synth_dir, layout_out, tiny_vqgan, cells, steps=2,
+    cells = [f"model.layout_detail={detail}", f"model.layout_colour={colour}"]
+    config = _muse_config(synth_dir, layout_out, tiny_vqgan, *cells, steps=2,
                           config="muse_layout_shapes.yaml")
     metrics = Trainer(config, ds_config(2)).train()
     assert metrics["val_ce"] > 0 and 0 <= metrics["val_object_accuracy"] <= 1
+    assert ("val_colour_accuracy" in metrics) == (colour == "true")
     assert os.path.exists(os.path.join(layout_out, "samples", "step_000002.png"))
     with pytest.raises(ValueError, match="holds a layout model"):
         load(layout_out)
     trainer = Trainer(_muse_config(synth_dir, out, tiny_vqgan, f"model.layout={layout_out}",
-                                   cells, steps=2), ds_config(2))
+                                   *cells, steps=2), ds_config(2))
     metrics = trainer.train()
     assert metrics["val_ce"] > 0 and 0 <= metrics["val_object_accuracy"] <= 1
     assert "val_shape_word_gain" not in metrics  # tokens follow the layout, not the words
