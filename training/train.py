@@ -50,20 +50,22 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def train_missing(model: dict, ds_config: str) -> None:
-    """Train what the stage `model` describes needs and has not been exported yet (e.g. the
-    image tokenizer a transformer is trained on), each one's own needs first."""
-    done = set()
+def train_missing(config, ds_config: str) -> None:
+    """Train what the stage `config` describes needs and has not been exported yet (e.g. the
+    image tokenizer a transformer is trained on) on the same data (its data.path), each
+    one's own needs first."""
+    model, done = config.model, set()
     while (before := get_family(model["family"]).STAGES.get(
             model["stage"], Task).prerequisite(model)) is not None:
-        first, _ = load_config(*before)
+        path, overrides = before
+        first, _ = load_config(path, [*overrides, f"data.path={config.data.path}"])
         if first.run.out in done:  # trained, and still missing: it exported elsewhere
-            raise ConfigError(f"{first.run.out}: trained from {before[0]} but no exported "
+            raise ConfigError(f"{first.run.out}: trained from {path} but no exported "
                               f"model appeared there")
         done.add(first.run.out)
-        train_missing(first.model, ds_config)
-        log.info("%s has no exported model yet: training it first (%s)", first.run.out,
-                 before[0])
+        train_missing(first, ds_config)
+        log.info("%s has no exported model yet: training it first (%s, on %s)",
+                 first.run.out, path, config.data.path)
         Trainer(first, ds_config).train()
 
 
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
         if args.resume is False and os.path.isdir(os.path.join(config.run.out, "checkpoints")):
             raise ConfigError(f"--no-resume: {config.run.out} already has checkpoints; "
                               f"choose another run.out or delete them")
-        train_missing(config.model, ds_config)
+        train_missing(config, ds_config)
         trainer = Trainer(config, ds_config, resume=args.resume)
     except (ConfigError, ValueError) as e:
         print(f"train.py: config error: {e}", file=sys.stderr)

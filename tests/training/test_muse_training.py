@@ -134,14 +134,16 @@ def _write_config(path, config: str, overrides: list[str], **model) -> str:
 @pytest.mark.slow
 def test_train_py_trains_the_missing_tokenizer_and_layout_model_first_then_the_painter(
         synth_dir, ds_config, tmp_path):
+    # the prerequisites' files name data that is not there: they train on the painter's
+    elsewhere = [f"data.path={tmp_path / 'elsewhere'}", "data.synth_if_missing=0"]
     vq_config = _write_config(  # as vqgan16_shapes.yaml: ZeRO-3 ok
         tmp_path / "vqgan_tiny.yaml", "vqgan_shapes.yaml",
-        tiny_overrides("vqgan", synth_dir, "unused", steps=2), disc_weight=0.0,
+        tiny_overrides("vqgan", synth_dir, "unused", steps=2) + elsewhere, disc_weight=0.0,
         perceptual="none")
     out, tokenizer = str(tmp_path / "muse"), str(tmp_path / "muse" / "vqgan")
     layout, layout_config = str(tmp_path / "muse" / "layout"), _write_config(
         tmp_path / "layout_tiny.yaml", "muse_layout_shapes.yaml",
-        _muse_overrides(synth_dir, "unused", "unused", steps=2))
+        _muse_overrides(synth_dir, "unused", "unused", steps=2) + elsewhere)
     args = ["--config", os.path.join(REPO, "training", "configs", "muse_shapes.yaml"),
             "--deepspeed_config", ds_config(3), *_muse_overrides(synth_dir, out, tokenizer),
             f"model.tokenizer_config={vq_config}", f"model.layout={layout}",
