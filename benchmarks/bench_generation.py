@@ -11,9 +11,10 @@ reference paths (full sorts and softmaxes: what a plain implementation does) in 
 run. Correctness gate first: seeded decoding repeats itself and the torch path draws the
 reference path's tokens.
 
-`bench_painter_generation`: the default run's form — a layout model draws the layout in one
-pass, then the painter (the same architecture with the layout embedded) decodes without
-guidance, one call on B rows a step; the layout model's pass counts as a network call.
+`bench_painter_generation`: the default run's form — a layout model draws the layout (each
+pixel's class and colour) in one pass, then the painter (the same architecture with the
+layout embedded) decodes without guidance, one call on B rows a step; the layout model's
+pass counts as a network call.
 """
 
 import os
@@ -98,14 +99,16 @@ def _bench_cpu(benchmark, record, gen, batch, steps, cfg_scale):
 
 @pytest.fixture(scope="module")
 def painter(generator):
-    """muse_shapes.yaml's painter and layout model (pixel layouts: 2 x 2 cells a token) on
-    the same VQGAN and tokenizer."""
+    """muse_shapes.yaml's painter and layout model (pixel layouts with colours: 2 x 2 cells a
+    token; the layout model 128 wide) on the same VQGAN and tokenizer."""
     torch.manual_seed(1)
-    config = dict(num_codes=256, grid=16, patch=2, local_kernel=3, dim=192, depth=4, heads=6,
-                  text_vocab=generator.tokenizer.vocab_size, text_length=96, text_dim=192,
-                  text_depth=2, layout_detail=2)
-    model = MaskGitTransformer(MuseConfig(layout="bench", **config)).eval()
-    layouts = LayoutDrawer(MaskGitTransformer(MuseConfig(layout_model=True, **config)).eval(),
+    config = dict(num_codes=256, grid=16, patch=2, local_kernel=3, depth=4, text_depth=2,
+                  text_vocab=generator.tokenizer.vocab_size, text_length=96, layout_detail=2,
+                  layout_colour=True)
+    model = MaskGitTransformer(MuseConfig(layout="bench", dim=192, heads=6, text_dim=192,
+                                          **config)).eval()
+    layouts = LayoutDrawer(MaskGitTransformer(MuseConfig(layout_model=True, dim=128, heads=4,
+                                                         text_dim=128, **config)).eval(),
                            generator.tokenizer)
     return MuseGenerator(model, generator.vqgan, generator.tokenizer, layouts=layouts)
 
