@@ -74,8 +74,7 @@ def encode_texts(tokenizer, texts: Sequence[str], device, warn: bool = True):
 class LayoutDrawer:
     """Captions (or class ids) -> layouts: the segmentation class (and colour) of each
     layout cell, drawn by a layout model (MaskGitTransformer with config.layout_model, read
-    with its own caption tokenizer) in one pass: each cell's most likely class (`pick_layout`).
-    """
+    with its own caption tokenizer) in one pass: each cell's most likely ones (`pick_layout`)."""
 
     def __init__(self, model, tokenizer=None):
         if not model.config.layout_model:

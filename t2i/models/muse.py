@@ -378,9 +378,8 @@ class MaskGitTransformer(nn.Module, Pretrained):
         `layout_colour`: plus that of the object's colour where a cell shows one).
         -> (loss, accuracy of the class argmax against each cell's majority class)."""
         logits = self.layout_logits(*self.condition(**condition)).float()
-        c = self.config
-        loss = layout_ce(logits, target.float(), c.layout_classes, c.layout_colour_weight).mean()
         k = self.config.layout_classes
+        loss = layout_ce(logits, target.float(), k, self.config.layout_colour_weight).mean()
         accuracy = (logits[..., :k].argmax(-1) == target[..., :k].argmax(-1)).float().mean()
         return loss, accuracy.detach()
 
