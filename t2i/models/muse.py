@@ -477,12 +477,17 @@ def pick_layout(scores: torch.Tensor, classes: int) -> torch.Tensor:
     return out
 
 
+def scene_colours(device) -> torch.Tensor:
+    """The scene colours in COLOUR_NAMES order as RGB in [-1, 1]: float [8, 3]."""
+    return torch.tensor([COLOURS[c] for c in COLOUR_NAMES], dtype=torch.float32,
+                        device=device) / 127.5 - 1
+
+
 def colour_map(images: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
     """Images [B, 3, H, W] in [-1, 1] and their segmentation maps long [B, H, W] -> each
     pixel's colour class long [B, H, W]: 0 on the background, else 1 + the index in
     COLOUR_NAMES of the scene colour nearest to the pixel's."""
-    palette = torch.tensor([COLOURS[c] for c in COLOUR_NAMES], dtype=torch.float32,
-                           device=images.device) / 127.5 - 1
+    palette = scene_colours(images.device)
     distance = (images.float().permute(0, 2, 3, 1)[..., None, :] - palette).square().sum(-1)
     return torch.where(seg.to(images.device) > 0, distance.argmin(-1) + 1, 0)
 
@@ -637,6 +642,12 @@ class MuseTask(Task):
         mix = mix.view(len(mix), side, side, -1).to(batch["image"].device)
         return mix, pick_layout(mix, c.layout_classes)
 
+    def _prompts(self, batch, n: int) -> dict:
+        """The first n samples' captions (or class ids) as a generator's keyword arguments."""
+        if self.config.condition == "class":
+            return {"class_ids": class_labels(batch)[:n]}
+        return {"texts": batch["caption"][:n]}
+
     @torch.no_grad()
     def samples(self, model, batch):
         """Rows: real images; generated for their captions (seed 0, CFG 3); the same, no CFG.
@@ -647,8 +658,7 @@ class MuseTask(Task):
         gen = MuseGenerator(model, self.vqgan, self.tokenizer, low=self.low,
                             layouts=self.layouts)
         n = min(8, len(batch["image"]))
-        cond = {"class_ids": class_labels(batch)[:n]} if self.config.condition == "class" \
-            else {"texts": batch["caption"][:n]}
+        cond = self._prompts(batch, n)
         extra = {"low_res_images": batch["image"][:n]} if self.low is not None else {}
         rows = [batch["image"][:n]]
         if self.layouts is not None:
@@ -737,8 +747,8 @@ def layout_picture(layout: torch.Tensor, size: int, config: MuseConfig) -> torch
     from t2i.models.vqseg import colourise
 
     if config.layout_colour:
-        palette = torch.tensor([(0, 0, 0)] + [COLOURS[c] for c in COLOUR_NAMES],
-                               device=layout.device) / 127.5 - 1
+        black = torch.full((1, 3), -1.0, device=layout.device)
+        palette = torch.cat([black, scene_colours(layout.device)])  # colour class -> RGB
         picture = palette[layout // config.layout_classes].permute(0, 3, 1, 2)
     else:
         picture = colourise(layout)
@@ -880,8 +890,7 @@ class LayoutTask(MuseTask):
         from t2i.generate import LayoutDrawer
 
         n, size = min(8, len(batch["image"])), batch["image"].shape[-1]
-        cond = {"class_ids": class_labels(batch)[:n]} if self.config.condition == "class" \
-            else {"texts": batch["caption"][:n]}
+        cond = self._prompts(batch, n)
         drawn = LayoutDrawer(model, self.tokenizer)(**cond)
         true = self._layout(batch)[1][:n]
         return [batch["image"][:n], layout_picture(true, size, self.config),
