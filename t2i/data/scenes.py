@@ -10,6 +10,7 @@ ever has an object's colour: a pixel's class can be read back from its colour.
 """
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -301,6 +302,15 @@ def swap_shape(text: str, shape: str, new: str) -> str:
     worth to a model. Other words are kept as written."""
     pattern = rf"\b(?:{_alternation({shape: SHAPE_WORDS[shape]})})\b"
     return re.sub(pattern, SHAPE_WORDS[new][0], text)
+
+
+def permute_colours(text: str, perm: Sequence[int]) -> str:
+    """The caption with each colour word COLOUR_NAMES[i] replaced by COLOUR_NAMES[perm[i]]
+    (all at once: red -> blue and blue -> red swap). Other words are kept as written."""
+    return _COLOUR_WORD.sub(lambda m: COLOUR_NAMES[perm[COLOUR_NAMES.index(m[1])]], text)
+
+
+_COLOUR_WORD = re.compile(rf"\b({'|'.join(COLOUR_NAMES)})\b")
 
 
 def _alternation(table: dict) -> str:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from t2i.data.scenes import COLOUR_NAMES, COLOURS, SHAPES, swap_shape
+from t2i.data.scenes import COLOUR_NAMES, COLOURS, SHAPES, permute_colours, swap_shape
 from t2i.models import Pretrained, export_path, load_pretrained, save_pretrained
 from t2i.modules.attention import LearnedPositions, TransformerBlock
 from t2i.training.task import Task, TokenCache
@@ -71,6 +71,8 @@ class MuseConfig:
     text_length: int = 0  # caption positions (0: the data tokenizer's max_length)
     text_dim: int = 256  # text encoder width = cross-attention context width
     text_depth: int = 2  # text encoder blocks
+    text_rotary: bool = False  # word order by rotary embeddings, not learned positions
+    # (TextEncoder; False: what runs exported before it existed were trained with)
     cond_dropout: float = 0.1  # P(null condition) per sample in training: enables CFG
     self_condition: bool = False  # feed back the previous pass's hidden states
     schedule: str = "cosine"  # training mask-ratio schedule (decoding picks its own)
@@ -85,6 +87,8 @@ class MuseConfig:
     # 2, one for each of its 2 x 2 quarters (at 16 x 16 tokens of 32 px: every pixel)
     layout_colour: bool = False  # each cell also holds its object's colour (`colour_map`)
     layout_colour_weight: float = 0.25  # a layout model's colour term beside its classes'
+    layout_colour_permute: bool = False  # a layout model with layout_colour, in training:
+    # each sample's colour words and layout colours permuted alike (`permute_layout_colours`)
     low_res_tokenizer: str = ""  # super-resolution: the low-res stage's VQGAN run ("": base)
     low_res_size: int = 32  # super-resolution: the low-res stage's image side
     low_res_codes: int = 0  # its codebook size (0: from low_res_tokenizer)
@@ -94,19 +98,26 @@ class MuseConfig:
 
 
 class TextEncoder(nn.Module):
-    """Caption ids [B, T] + mask -> states [B, T', C] (T' = the batch's longest caption)."""
+    """Caption ids [B, T] + mask -> states [B, T', C] (T' = the batch's longest caption).
 
-    def __init__(self, vocab: int, length: int, dim: int, depth: int, heads: int):
+    Word order through learned absolute positions, or with `rotary` through rotary
+    embeddings in each self-attention (relative offsets: "the colour word two before me"
+    is one rule at every place in the caption, which is what binds each object's words to
+    its position word)."""
+
+    def __init__(self, vocab: int, length: int, dim: int, depth: int, heads: int,
+                 rotary: bool = False):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
-        self.pos = LearnedPositions(length, dim)
-        self.blocks = nn.ModuleList(TransformerBlock(dim, heads) for _ in range(depth))
+        self.pos = None if rotary else LearnedPositions(length, dim)
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, rotary=rotary)
+                                    for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor):
         n = max(1, int(mask.sum(1).max()))  # padding past the longest caption is never read
         ids, mask = ids[:, :n], mask[:, :n]
-        x = self.pos(self.embed(ids))
+        x = self.embed(ids) if self.pos is None else self.pos(self.embed(ids))
         for block in self.blocks:
             x = block(x, key_padding_mask=mask)
         return self.norm(x), mask
@@ -142,6 +153,9 @@ class MaskGitTransformer(nn.Module, Pretrained):
                              "(model.layout must be empty)")
         if c.layout_detail < 1:
             raise ValueError(f"model.layout_detail must be >= 1, got {c.layout_detail}")
+        if c.layout_colour_permute and not (c.layout_model and c.condition == "text"):
+            raise ValueError("model.layout_colour_permute: only for a layout model "
+                             "conditioned on text")
         if c.layout_colour_weight < 0:
             raise ValueError(f"model.layout_colour_weight must be >= 0, got "
                              f"{c.layout_colour_weight}")
@@ -155,7 +169,7 @@ class MaskGitTransformer(nn.Module, Pretrained):
             self.split = nn.Linear(c.dim, c.patch ** 2 * c.dim)
         if c.condition == "text":
             self.text = TextEncoder(c.text_vocab, c.text_length, c.text_dim, c.text_depth,
-                                    c.heads)
+                                    c.heads, rotary=c.text_rotary)
         else:
             self.class_embed = nn.Embedding(c.num_classes, c.text_dim)
         self.null = nn.Parameter(torch.randn(1, 1, c.text_dim) * 0.02)  # the dropped condition
@@ -475,6 +489,23 @@ def pick_layout(scores: torch.Tensor, classes: int) -> torch.Tensor:
         colour = scores[..., -len(COLOUR_NAMES):].argmax(-1) + 1
         out = out + classes * torch.where(out > 0, colour, 0)
     return out
+
+
+def permute_layout_colours(captions, mix: torch.Tensor, classes: int):
+    """A random permutation of the scene colours a sample, applied alike to its caption's
+    colour words (scenes.permute_colours) and to the colour part of its layout mix
+    [B, S, S, classes + COLOUR_CLASSES] (colour class 1 + i becomes 1 + perm[i]; "none"
+    stays). -> (captions, mix). Training data never shows some colours on some shapes (the
+    held-out pairs); a layout model trained as is learns that and draws, for "a red
+    triangle", a triangle in another colour. Permuted, every colour goes with every shape
+    and the colour can only come from the colour word."""
+    n = len(COLOUR_NAMES)
+    perm = torch.rand(len(captions), n).argsort(-1)  # [B, n]: colour i -> perm[i]
+    texts = [permute_colours(t, p) for t, p in zip(captions, perm.tolist(), strict=True)]
+    source = torch.cat([torch.zeros(len(perm), 1, dtype=torch.long), 1 + perm.argsort(-1)], 1)
+    colours = mix[..., classes:]
+    source = source.to(mix.device)[:, None, None].expand_as(colours)
+    return texts, torch.cat([mix[..., :classes], colours.gather(-1, source)], -1)
 
 
 def scene_colours(device) -> torch.Tensor:
@@ -881,6 +912,11 @@ class LayoutTask(MuseTask):
 
     def losses(self, engines, batch, step):
         mix = self._layout(batch)[0]
+        if self.config.layout_colour_permute and self.config.layout_colour:
+            texts, mix = permute_layout_colours(batch["caption"], mix,
+                                                self.config.layout_classes)
+            ids, mask = self.tokenizer(texts)
+            batch = {**batch, "text": ids.to(mix.device), "text_mask": mask.to(mix.device)}
         loss, accuracy = engines["model"](mix, self._inputs(batch, training=True), mode="layout")
         yield "model", loss, {"ce": loss.item(), "accuracy": accuracy.item()}
 

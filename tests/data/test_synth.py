@@ -153,6 +153,20 @@ def test_swap_shape_renames_every_word_for_the_shape_and_nothing_else():
     assert scenes.swap_shape("a barred red bar", "bar", "square") == "a barred red square"
 
 
+def test_permute_colours_renames_every_colour_word_at_once_and_nothing_else():
+    text = ("one big red ring at the top and a small blue cross on the left. the big red "
+            "ring is above the small blue cross")
+    perm = list(range(8))
+    red, blue = scenes.COLOUR_NAMES.index("red"), scenes.COLOUR_NAMES.index("blue")
+    perm[red], perm[blue] = blue, red  # red <-> blue: a swap, not red -> blue -> red
+    swapped = scenes.permute_colours(text, perm)
+    assert swapped == ("one big blue ring at the top and a small red cross on the left. the "
+                       "big blue ring is above the small red cross")
+    parsed = scenes.parse_caption(swapped)  # still the caption grammar
+    assert [o["colour"] for o in parsed["objects"]] == ["blue", "red"]
+    assert scenes.permute_colours("a reddish red bar", perm) == "a reddish blue bar"
+
+
 def test_ensure_synth_reuses_a_complete_directory_and_redoes_a_broken_one(tmp_path):
     out = str(tmp_path)
     ensure_synth(out, 30, size=32, seed=1, shard_size=10, progress=False)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from t2i.data import ByteTokenizer
-from t2i.data.scenes import COLOURS
+from t2i.data.scenes import COLOUR_NAMES, COLOURS, parse_caption
 from t2i.generate import LayoutDrawer, MuseGenerator, masked_counts
 from t2i.models.muse import (
     COLOUR_CLASSES,
@@ -22,6 +22,7 @@ from t2i.models.muse import (
     layout_picture,
     mask_ratio,
     object_coverage,
+    permute_layout_colours,
     random_mask,
     shape_word_nll,
 )
@@ -59,6 +60,22 @@ def test_forward_and_backward_touch_every_parameter():
     assert untouched == []
     logits, hidden = model(tokens, *model.condition(text=ids, text_mask=mask))
     assert logits.shape == (2, 16, 16) and hidden.shape == (2, 16, 32)
+
+
+def test_a_rotary_text_encoder_reads_word_order_without_a_position_table():
+    learned, rotary = _model(), _model(text_rotary=True)
+    assert learned.text.pos is not None  # runs exported before text_rotary load as before
+    assert rotary.text.pos is None
+    ids, mask = TOKENIZER(["a red circle above a blue ring"])
+    n = int(mask.sum())
+    order = torch.arange(ids.shape[1])
+    order[[3, 14]] = order[[14, 3]]  # swap two letters ("r" of red, "b" of blue)
+    with torch.no_grad():
+        states, _ = rotary.text(ids, mask)
+        swapped, _ = rotary.text(ids[:, order], mask)
+    # with no word order at all, swapping two inputs would only swap their two states
+    moved = (swapped[0, order[:n]] - states[0]).abs().amax(-1)
+    assert bool((moved > 1e-3).all())
 
 
 def test_image_positions_start_from_the_grid_of_transformer_positions():
@@ -280,6 +297,31 @@ def test_a_layout_model_with_colours_learns_each_object_cells_colour_beside_the_
     palette = torch.tensor([(0, 0, 0)] + list(COLOURS.values())) / 127.5 - 1
     torch.testing.assert_close(picture[:, :, ::2, ::2],
                                palette[drawn // 3].permute(0, 3, 1, 2))
+
+
+def test_permuting_layout_colours_moves_the_caption_words_and_the_cells_alike():
+    caption = "a big red circle on the left and a small blue ring at the top"
+    classes = 3
+    mix = torch.zeros(16, 2, 2, classes + COLOUR_CLASSES)
+    mix[:, 0, 0, [1, classes + 1 + 0]] = 1  # a red circle cell
+    mix[:, 0, 1, [2, classes + 1 + 5]] = 1  # a blue ring cell
+    mix[:, 1, :, [0, classes]] = 1  # background: no colour
+    mix[:, 1, 1, [0, 1, classes, classes + 1]] = 0.5  # half background, half red circle
+    torch.manual_seed(0)
+    texts, permuted = permute_layout_colours([caption] * 16, mix, classes)
+    assert torch.equal(permuted[..., :classes + 1], mix[..., :classes + 1])  # classes, none
+    firsts = set()
+    for text, cells in zip(texts, permuted, strict=True):
+        red, blue = (COLOUR_NAMES.index(o["colour"]) for o in parse_caption(text)["objects"])
+        expect = torch.zeros(2, 2, COLOUR_CLASSES)
+        expect[0, 0, 1 + red] = expect[0, 1, 1 + blue] = 1
+        expect[1, :, 0] = 1
+        expect[1, 1, [0, 1 + red]] = 0.5
+        assert torch.equal(cells[..., classes:], expect)
+        firsts.add(red)
+    assert len(firsts) >= 4  # each sample its own permutation
+    with pytest.raises(ValueError, match="layout_colour_permute"):
+        _model(layout="runs/layout", layout_colour=True, layout_colour_permute=True)
 
 
 def test_a_painter_with_colours_adds_each_cells_class_and_colour_embeddings():
