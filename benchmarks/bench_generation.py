@@ -39,7 +39,8 @@ def generator():
     vqgan = VQGAN(VQGANConfig(channels=32, mults=(1, 2), num_codes=256, code_dim=32)).eval()
     model = MaskGitTransformer(MuseConfig(
         num_codes=256, grid=16, patch=2, local_kernel=3, dim=192, depth=4, heads=6,
-        text_vocab=tokenizer.vocab_size, text_length=96, text_dim=192, text_depth=2)).eval()
+        text_vocab=tokenizer.vocab_size, text_length=96, text_dim=192, text_depth=2,
+        text_rotary=True)).eval()
     return MuseGenerator(model, vqgan, tokenizer)
 
 
@@ -100,11 +101,12 @@ def _bench_cpu(benchmark, record, gen, batch, steps, cfg_scale):
 @pytest.fixture(scope="module")
 def painter(generator):
     """muse_shapes.yaml's painter and layout model (pixel layouts with colours: 2 x 2 cells a
-    token; the layout model 128 wide) on the same VQGAN and tokenizer."""
+    token; the layout model 128 wide; rotary text encoders) on the same VQGAN and
+    tokenizer."""
     torch.manual_seed(1)
     config = dict(num_codes=256, grid=16, patch=2, local_kernel=3, depth=4, text_depth=2,
                   text_vocab=generator.tokenizer.vocab_size, text_length=96, layout_detail=2,
-                  layout_colour=True)
+                  layout_colour=True, text_rotary=True)
     model = MaskGitTransformer(MuseConfig(layout="bench", dim=192, heads=6, text_dim=192,
                                           **config)).eval()
     layouts = LayoutDrawer(MaskGitTransformer(MuseConfig(layout_model=True, dim=128, heads=4,
