@@ -36,13 +36,17 @@ def _kwargs(name, x):
 
 
 def _gate(x, kw, fn):
-    """Same noise, same tokens as the reference; else no timing."""
-    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(1)).to(x.device)
-    got = fn(x, noise=u, **kw)[0]
-    want = sample_logits_reference(x.cpu(), noise=u.cpu(), **{
-        k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})[0]
-    if not torch.equal(got.cpu(), want):
-        pytest.fail("correctness gate: draws differ from the reference; no timing reported")
+    """Same noise, same tokens as the reference, for both kinds of noise (one uniform a
+    token: the race; one a row: the inverse CDF, which the torch path also takes when it
+    draws its own); else no timing."""
+    ref_kw = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    for shape in (x.shape, x.shape[:1]):
+        u = torch.rand(shape, generator=torch.Generator().manual_seed(1)).to(x.device)
+        got = fn(x, noise=u, **kw)[0]
+        want = sample_logits_reference(x.cpu(), noise=u.cpu(), **ref_kw)[0]
+        if not torch.equal(got.cpu(), want):
+            pytest.fail(f"correctness gate: draws with noise {tuple(shape)} differ from the "
+                        f"reference; no timing reported")
 
 
 @pytest.mark.parametrize("name", list(SETTINGS))

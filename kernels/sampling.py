@@ -7,14 +7,20 @@ Semantics shared by every backend (the reference is the specification):
   until there are exactly k.
 - top-p, applied after top-k on the top-k distribution renormalised, keeps the shortest
   prefix of the tokens in (probability desc, index asc) order whose mass reaches p.
-- Sampling is an exponential race: token = argmax_i (x_i - log(-log u_i)) over the kept
-  tokens with u ~ U[0, 1) per vocabulary entry (Gumbel-max), so the same u gives the same
-  token on every backend. temperature = 0 is greedy: the first argmax.
+- Sampling, with one of two kinds of uniform noise, gives the same token on every backend
+  for the same noise. One u ~ U[0, 1) per vocabulary entry (noise of logits' shape): an
+  exponential race, token = argmax_i (x_i - log(-log u_i)) over the kept tokens
+  (Gumbel-max). One u per row (noise of logits.shape[:-1]): the inverse CDF, token = the
+  first kept token in vocabulary order whose cumulative probability exceeds u (V times
+  fewer draws: what MaskGIT decoding on CPU uses). temperature = 0 is greedy: the first
+  argmax, whatever the noise.
 - probs (return_probs=True): the probability of the drawn token under the distribution it
   was drawn from (for greedy, the filtered softmax at temperature 1): MaskGIT's confidence.
 - NaN logits count as -inf. A row with no finite logit gives token 0 with probability 0.
 - lowest_k_mask marks the k lowest scores of a row; ties in index order; NaN counts as +inf.
 """
+
+import math
 
 import torch
 import triton
@@ -167,10 +173,12 @@ def _sample_logits_fwd_kernel(
             keep_p, seen_p = _tie_keep(tl.where(keep, key, _NO_KEY), p_key, p_ties, seen_p)
             keep = keep & keep_p
         z += tl.sum(tl.where(keep, tl.exp(x - ref), 0.0), 0)
-        if has_noise != 0:
+        if has_noise == 1:
             u = tl.load(noise_ptr + i_b * stride_n + o, mask=m, other=0.5)
-        else:
+        elif has_noise == 0:
             u = tl.rand(seed, i_b * V + o)
+        else:  # one uniform a row: the inverse CDF below decides
+            u = tl.full([BLOCK_V], 0.5, tl.float32)
         race = tl.where(greedy != 0, x, x - tl.log(-tl.log(u)))
         race = tl.where(keep, race, float("-inf"))
         b_best = tl.max(race, 0)
@@ -179,6 +187,41 @@ def _sample_logits_fwd_kernel(
         best_x = tl.where(better, tl.max(tl.where(o_v == b_i, x, float("-inf")), 0), best_x)
         best_i = tl.where(better, v0 + b_i, best_i)
         best = tl.where(better, b_best, best)
+
+    # one uniform a row: the first kept token (vocabulary order) whose running mass exceeds
+    # u * z; where rounding leaves none (u near 1), the last kept token
+    if (has_noise == 2) & (greedy == 0):
+        u_row = tl.load(noise_ptr + i_b * stride_n).to(tl.float32)
+        target = tl.minimum(u_row, 1 - 2**-24) * z  # as the reference's _U_MAX
+        run = 0.0
+        first_i = top * 0 + V
+        first_x = float("-inf")
+        last_i = top * 0 - 1
+        last_x = float("-inf")
+        seen_k = 0
+        seen_p = 0
+        for v0 in range(0, V, BLOCK_V):
+            o = v0 + o_v
+            m = o < V
+            x = _guided(p_x, p_c, o, m, scale, cfg_scale, has_cfg)
+            key = _ordered_key(x)
+            keep, seen_k = _tie_keep(key, k_key, k_ties, seen_k)
+            if use_topp != 0:
+                keep_p, seen_p = _tie_keep(tl.where(keep, key, _NO_KEY), p_key, p_ties, seen_p)
+                keep = keep & keep_p
+            w = tl.where(keep, tl.exp(x - ref), 0.0)
+            c = run + tl.cumsum(w, 0)
+            b_first = tl.min(tl.where((c > target) & (w > 0), o, V), 0)
+            hit = (first_i == V) & (b_first < V)
+            first_x = tl.where(hit, tl.max(tl.where(o == b_first, x, float("-inf")), 0), first_x)
+            first_i = tl.where(hit, b_first, first_i)
+            b_last = tl.max(tl.where(w > 0, o, -1), 0)
+            last_x = tl.where(b_last >= 0, tl.max(tl.where(o == b_last, x, float("-inf")), 0),
+                              last_x)
+            last_i = tl.maximum(last_i, b_last)
+            run = tl.max(tl.where(m, c, run), 0)
+        best_i = tl.where(first_i < V, first_i, tl.maximum(last_i, 0))
+        best_x = tl.where(first_i < V, first_x, last_x)
     tl.store(tokens_ptr + i_b, best_i)
     tl.store(probs_ptr + i_b, tl.where(z > 0, tl.exp(best_x - ref) / z, 0.0))
 
@@ -240,8 +283,9 @@ def sample_logits_fwd(logits: torch.Tensor, *, temperature: float = 1.0, top_k: 
                       cfg_scale: float | None = None, noise: torch.Tensor | None = None,
                       generator: torch.Generator | None = None, need_probs: bool = True):
     """Triton sampling of logits [B, V] (rows may be strided; V contiguous).
-    noise: uniform [B, V] fp32, else Philox noise seeded from `generator` (or torch's
-    default generator on the logits' device). -> (tokens long [B], probs fp32 [B])."""
+    noise: uniform [B, V] (the race) or [B] (the inverse CDF), else Philox noise for the
+    race seeded from `generator` (or torch's default generator on the logits' device).
+    -> (tokens long [B], probs fp32 [B])."""
     if logits.dtype not in _TRITON_DTYPES:
         raise TypeError(f"sample_logits_fwd: logits must be one of {_TRITON_DTYPES}, "
                         f"got {logits.dtype}")
@@ -268,7 +312,8 @@ def sample_logits_fwd(logits: torch.Tensor, *, temperature: float = 1.0, top_k: 
         v, logits.stride(0), cond.stride(0), noise.stride(0) if noise is not None else 0,
         1.0 if greedy else 1.0 / temperature, top_k if use_topk else v,
         top_p if use_topp else 1.0, cfg_scale if has_cfg else 0.0,
-        int(greedy), int(has_cfg), int(use_topk), int(use_topp), int(noise is not None),
+        int(greedy), int(has_cfg), int(use_topk), int(use_topp),
+        0 if noise is None else 1 if noise.dim() == 2 else 2,
         BLOCK_V=_block(v), num_warps=16,
         maxnreg=128)  # the 16-warp ceiling; ptxas alone budgeted 64 and spilled on sm_90
     return tokens, probs
@@ -336,10 +381,22 @@ def filtered_probs_reference(logits, *, temperature=1.0, top_k=None, top_p=None,
     return _nan_to(probs, 0.0)  # rows with no finite logit
 
 
+_U_MAX = 1 - 2**-24  # the largest float32 below 1: u * total stays below a normal total
+
+
+def _inverse_cdf(probs, u, zero_rows: bool = True):
+    """The first column whose cumulative probability exceeds u * the row's total: probs
+    [B, C] >= 0, u [B] uniform in [0, 1) -> long [B, 1]. A row of zeros gives column 0
+    (zero_rows=False: the caller knows there is none)."""
+    c = probs.cumsum(-1)  # non-decreasing: the count of columns <= the target, by bisection
+    j = torch.searchsorted(c, u.float().clamp(max=_U_MAX)[:, None] * c[:, -1:], right=True)
+    return torch.where(j < c.shape[-1], j, 0) if zero_rows else j
+
+
 def sample_logits_reference(logits, *, temperature=1.0, top_k=None, top_p=None,
                             cond_logits=None, cfg_scale=None, noise=None, generator=None):
-    """Sort-based filtering, then the race on `noise` or torch.multinomial.
-    logits [B, V] -> (tokens long [B], probs fp32 [B])."""
+    """Sort-based filtering, then the race on `noise` [B, V], the inverse CDF on `noise`
+    [B], or torch.multinomial. logits [B, V] -> (tokens long [B], probs fp32 [B])."""
     greedy = temperature == 0
     probs = filtered_probs_reference(logits, temperature=1.0 if greedy else temperature,
                                      top_k=top_k, top_p=top_p, cond_logits=cond_logits,
@@ -347,6 +404,8 @@ def sample_logits_reference(logits, *, temperature=1.0, top_k=None, top_p=None,
     if greedy:
         x = _guided_logits(logits, 1.0, cond_logits, cfg_scale)
         tokens = torch.where(probs > 0, x, float("-inf")).argmax(-1)
+    elif noise is not None and noise.dim() == 1:  # one uniform a row
+        tokens = _inverse_cdf(probs, noise)[:, 0]
     elif noise is not None:  # exponential race: argmax p / E with E = -log u
         tokens = (probs / -torch.log(noise.float())).argmax(-1)
     else:
@@ -374,13 +433,15 @@ def lowest_k_mask_reference(scores, k):
 def sample_logits_torch(logits, *, temperature=1.0, top_k=None, top_p=None, cond_logits=None,
                         cfg_scale=None, noise=None, generator=None):
     """CPU sampling: top-k by torch.topk of k only; top-p inside the k candidates (a full
-    stable sort only when there is no top-k); the exponential race on the kept tokens.
-    logits [B, V] -> (tokens long [B], probs fp32 [B])."""
+    stable sort only when there is no top-k); then the exponential race on `noise` [B, V],
+    or the inverse CDF on `noise` [B] or on one uniform a row drawn from `generator` (V
+    times fewer draws than the race). logits [B, V] -> (tokens long [B], probs fp32 [B])."""
     greedy = temperature == 0
+    by_row = not greedy and (noise is None or noise.dim() == 1)  # the inverse CDF
     x = _guided_logits(logits, temperature, cond_logits, cfg_scale, clean=False)
     # one reduction tells the common case (every row's maximum finite: no NaN, no +inf, no
     # empty row) from the rest, which takes the careful path below
-    plain = bool(torch.isfinite(x.amax(-1)).all())
+    plain = math.isfinite(x.amax(-1).sum().item())  # (or an overflow: careful path too)
     if not plain:
         x = _nan_to(x, float("-inf"))
     b, v = x.shape
@@ -408,20 +469,35 @@ def sample_logits_torch(logits, *, temperature=1.0, top_k=None, top_p=None, cond
             n = min(v, 4 * n)
     else:
         cand = None
-    if cand is not None:  # candidates in (value desc, index asc) order
-        cand = cand.sort(-1).values
-        cand = cand.gather(-1, torch.sort(x.gather(-1, cand), dim=-1, descending=True,
-                                          stable=True).indices)
+    top_p_on = top_p is not None and top_p < 1.0
+    if cand is not None:  # candidates in index order; for top-p or the race, in (value
+        cand = cand.sort(-1).values  # desc, index asc) order
+        if top_p_on or not by_row:
+            cand = cand.gather(-1, torch.sort(x.gather(-1, cand), dim=-1, descending=True,
+                                              stable=True).indices)
     xc = x if cand is None else x.gather(-1, cand)  # [B, C]
-    if top_p is not None and top_p < 1.0:
+    if top_p_on:
         p = torch.exp(xc - (torch.logsumexp(xc, -1, keepdim=True) if lse is None else lse))
         xc = torch.where((p.cumsum(-1) - p) < top_p, xc, float("-inf"))
     probs = torch.softmax(xc, -1)  # NaN only in rows with no finite logit (or a +inf one)
+    if by_row:
+        u = torch.rand(b, generator=generator, device=x.device) if noise is None else noise
+        if not plain:
+            probs = _nan_to(probs, 0.0)
+        if cand is None:
+            j = _inverse_cdf(probs, u, zero_rows=not plain)
+            return j[:, 0], probs.gather(-1, j)[:, 0]
+        if top_p_on:  # the CDF runs in vocabulary order
+            order = cand.argsort(-1)
+            j = order.gather(-1, _inverse_cdf(probs.gather(-1, order), u, zero_rows=not plain))
+        else:
+            j = _inverse_cdf(probs, u, zero_rows=not plain)
+        return cand.gather(-1, j)[:, 0], probs.gather(-1, j)[:, 0]
     if greedy or not plain:
         if greedy:
             race = xc
         else:
-            race = xc - torch.log(-torch.log(_race_noise(xc, cand, noise, generator)))
+            race = xc - torch.log(-torch.log(_race_noise(xc, cand, noise)))
         race = _nan_to(race, float("-inf"))
         j = race.argmax(-1, keepdim=True)
         kept = race > float("-inf")
@@ -429,7 +505,7 @@ def sample_logits_torch(logits, *, temperature=1.0, top_k=None, top_p=None, cond
         # the race on probabilities, as the reference: argmax p / -log u, i.e. the argmin
         # of p / log u (<= 0): one logarithm a token instead of two, and no second pass
         # for the probabilities
-        race = probs / torch.log(_race_noise(xc, cand, noise, generator))
+        race = probs / torch.log(_race_noise(xc, cand, noise))
         j = race.argmin(-1, keepdim=True)
         kept = None
     if cand is not None:  # the first winner in vocabulary order, as the other backends
@@ -441,18 +517,20 @@ def sample_logits_torch(logits, *, temperature=1.0, top_k=None, top_p=None, cond
     return tokens, _nan_to(probs.gather(-1, j)[:, 0], 0.0)
 
 
-def _race_noise(xc, cand, noise, generator):
-    """Uniform noise for the race over the candidates `cand` (None: the whole row)."""
-    if noise is None:
-        return torch.rand(xc.shape, generator=generator, device=xc.device)
+def _race_noise(xc, cand, noise):
+    """The race's uniform noise [B, V] at the candidates `cand` (None: the whole row)."""
     return noise.float() if cand is None else noise.float().gather(-1, cand)
 
 
 def lowest_k_mask_torch(scores, k):
     """CPU: one stable sort per row (L is a token map: a sort beat topk with tie
-    bookkeeping on every measured size), then the inverse permutation's ranks."""
-    s = _nan_to(scores.float(), float("inf"))
+    bookkeeping on every measured size); k an int: its first k entries, else (k long [B])
+    the inverse permutation's ranks."""
+    inf = float("inf")
+    s = torch.nan_to_num(scores.float(), nan=inf, posinf=inf, neginf=-inf)
     order = torch.sort(s, dim=-1, stable=True).indices
+    if isinstance(k, int):
+        return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, order[:, :k], True)
     rank = torch.empty_like(order).scatter_(
         -1, order, torch.arange(s.shape[-1], device=s.device).expand_as(order))
     return rank < k[:, None]
@@ -476,10 +554,16 @@ def _check_sampling(logits, temperature, top_k, top_p, cond_logits, cfg_scale, n
     if (cond_logits is None) != (cfg_scale is None):
         raise ValueError("sample_logits: classifier-free guidance needs both cond_logits and "
                          "cfg_scale")
-    for name, t in (("cond_logits", cond_logits), ("noise", noise)):
-        if t is not None and (t.shape != logits.shape or t.device != logits.device):
-            raise ValueError(f"sample_logits: {name} must match logits' shape and device, "
-                             f"got {tuple(t.shape)} on {t.device}")
+    if cond_logits is not None and (cond_logits.shape != logits.shape
+                                    or cond_logits.device != logits.device):
+        raise ValueError(f"sample_logits: cond_logits must match logits' shape and device, "
+                         f"got {tuple(cond_logits.shape)} on {cond_logits.device}")
+    if noise is not None and (noise.shape not in (logits.shape, logits.shape[:-1])
+                              or noise.device != logits.device):
+        raise ValueError(f"sample_logits: noise must be on logits' device, of logits' shape "
+                         f"{tuple(logits.shape)} (one uniform a token) or "
+                         f"{tuple(logits.shape[:-1])} (one a row), got {tuple(noise.shape)} "
+                         f"on {noise.device}")
 
 
 def sample_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
@@ -491,8 +575,10 @@ def sample_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
     With cond_logits and cfg_scale, logits (the unconditional ones) are first combined as
     uncond + cfg_scale * (cond - uncond). temperature = 0 is greedy. top_k and top_p may be
     combined (top-p then acts on the top-k distribution). `generator` makes draws
-    reproducible on one backend; `noise` (uniform [0, 1) of logits' shape) fixes them across
-    backends. Returns tokens long [...], and with return_probs=True also the drawn tokens'
+    reproducible on one backend; `noise` (uniform [0, 1)) fixes them across backends: of
+    logits' shape, one a token for the exponential race; of logits.shape[:-1], one a row for
+    the inverse CDF (V times fewer draws to make; the torch path draws that way from
+    `generator` too). Returns tokens long [...], and with return_probs=True also the drawn tokens'
     probabilities fp32 [...] (MaskGIT's confidence). No host synchronisation on GPU.
 
     >>> tokens = sample_logits(torch.randn(4, 1024), temperature=0.8, top_k=64, top_p=0.9)
@@ -501,7 +587,8 @@ def sample_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
     lead, v = logits.shape[:-1], logits.shape[-1]
     flat = logits.reshape(-1, v)
     cond = cond_logits.reshape(-1, v) if cond_logits is not None else None
-    nz = noise.reshape(-1, v) if noise is not None else None
+    nz = None if noise is None else \
+        noise.reshape(-1, v) if noise.shape == logits.shape else noise.reshape(-1)
     kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, cond_logits=cond,
                   cfg_scale=cfg_scale, noise=nz, generator=generator)
     backend = choose_backend(logits)
@@ -525,9 +612,12 @@ def lowest_k_mask(scores: torch.Tensor, k) -> torch.Tensor:
     """
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or not scores.is_floating_point():
         raise ValueError("lowest_k_mask: scores must be a float tensor [B, L]")
+    backend = choose_backend(scores)
     if isinstance(k, int):
         if k < 0:
             raise ValueError(f"lowest_k_mask: k must be >= 0, got {k}")
+        if backend == "torch":  # one k for every row: no per-row ranks
+            return lowest_k_mask_torch(scores, k)
         k = torch.full((scores.shape[0],), k, dtype=torch.long, device=scores.device)
     if k.shape != (scores.shape[0],) or k.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"lowest_k_mask: k must be an int or a long tensor [B={scores.shape[0]}],"
@@ -535,7 +625,6 @@ def lowest_k_mask(scores: torch.Tensor, k) -> torch.Tensor:
     if k.device != scores.device:
         raise ValueError(f"lowest_k_mask: k is on {k.device}, scores on {scores.device}")
     k = k.long()
-    backend = choose_backend(scores)
     if backend == "triton":
         return lowest_k_mask_fwd(scores, k)
     if backend == "torch":

@@ -48,9 +48,10 @@ def masked_counts(n: int, steps: int, schedule: str) -> list[int]:
 
 def _minus_gumbel(shape, generator, device) -> torch.Tensor:
     """log(-log u), u uniform from the generator (on its device): minus a standard Gumbel
-    sample, in place (torch's exponential_ is 2x slower than these three passes at 8k draws)."""
-    u = torch.rand(shape, generator=generator, device=generator.device).clamp_(1e-20, 1 - 1e-7)
-    return u.log_().neg_().log_().to(device)
+    sample, in place (torch's exponential_ is 2x slower than these three passes at 8k draws).
+    u = 0 gives +inf: the callers scale it by a positive factor."""
+    return torch.rand(shape, generator=generator, device=generator.device).log_().neg_().log_() \
+        .to(device)
 
 
 def encode_texts(tokenizer, texts: Sequence[str], device, warn: bool = True):
@@ -242,7 +243,7 @@ class MuseGenerator:
         picked = hidden
         if where is not None:  # rows of the flattened [R * N, dim]: 5x a broadcast gather
             r, n, d = hidden.shape
-            flat = where + torch.arange(r, device=where.device)[:, None] * n
+            flat = where if r == 1 else where + torch.arange(r, device=where.device)[:, None] * n
             picked = hidden.reshape(r * n, d).index_select(0, flat.flatten()).view(r, -1, d)
         return self._timed(self.model.head, picked), hidden
 
@@ -282,43 +283,47 @@ class MuseGenerator:
             k = logits.shape[1]
             temp = temperature if not isinstance(temperature, (tuple, list)) else \
                 temperature[0] + (temperature[1] - temperature[0]) * t / max(1, steps - 1)
-            noise = torch.rand(b * k, v, generator=generator, device=generator.device).to(device)
+            # one uniform a row (the inverse CDF): V times fewer draws than the race
+            noise = torch.rand(b * k, generator=generator, device=generator.device).to(device)
             drawn, probs = sample_logits(
                 logits.reshape(b * k, v), temperature=temp, top_k=top_k, top_p=top_p,
                 cond_logits=cond_logits.reshape(b * k, v) if guided else None,
                 cfg_scale=cfg_scale, noise=noise, return_probs=True)
             drawn, probs = drawn.view(b, k), probs.view(b, k)
-            log_probs = probs.clamp_min_(1e-30).log_()
-            if where is None:
-                sampled = torch.where(known, tokens, drawn)
-                confidence = log_probs
-            else:  # known tokens at +inf: never masked again
-                sampled = tokens.scatter(1, where, drawn)
-                confidence = torch.full((b, n), math.inf, device=device).scatter_(
-                    1, where, log_probs)
-            if critic == "self":
-                # the model's probability of each token given the completed map
-                full = torch.cat([sampled, sampled]) if guided else sampled
-                re_logits, _ = self._logits(full, ctx, ctx_mask, None, None, layout)
-                confidence = torch.log_softmax(re_logits[:b].float(), -1).gather(
-                    -1, sampled[..., None])[..., 0]
-            elif critic is not None:  # a token critic model reads the map itself
-                confidence = self._timed(critic.score, sampled, **cond)
-            elif remask_fixed:  # fixed tokens compete with their current probability
-                mixed = logits if cond_logits is None else \
-                    logits + cfg_scale * (cond_logits - logits)
-                fixed = torch.log_softmax(mixed.float(), -1).gather(
-                    -1, sampled[..., None])[..., 0]
-                confidence = torch.where(known, fixed, confidence)
-            if remask_temperature > 0:  # + scale * Gumbel noise
-                scale = remask_temperature * (1 - (t + 1) / steps)
-                confidence = confidence.sub_(_minus_gumbel((b, n), generator, device),
-                                             alpha=scale)
-            if not remask_fixed and critic is not None:
-                confidence = confidence.masked_fill(known, math.inf)
-            remask = lowest_k_mask(confidence.float(), n_masked)
-            tokens = torch.where(remask, model.mask_id, sampled)
-            known = ~remask
+            sampled = torch.where(known, tokens, drawn) if where is None else \
+                tokens.scatter(1, where, drawn)
+            if n_masked == 0:  # every drawn token stays (the last step): nothing to rank
+                tokens, known = sampled, torch.ones_like(known)
+            else:
+                log_probs = probs.clamp_min_(1e-30).log_()
+                if where is None:
+                    confidence = log_probs
+                else:  # known tokens at +inf: never masked again
+                    confidence = torch.full((b, n), math.inf, device=device).scatter_(
+                        1, where, log_probs)
+                if critic == "self":
+                    # the model's probability of each token given the completed map
+                    full = torch.cat([sampled, sampled]) if guided else sampled
+                    re_logits, _ = self._logits(full, ctx, ctx_mask, None, None, layout)
+                    confidence = torch.log_softmax(re_logits[:b].float(), -1).gather(
+                        -1, sampled[..., None])[..., 0]
+                elif critic is not None:  # a token critic model reads the map itself
+                    confidence = self._timed(critic.score, sampled, **cond)
+                elif remask_fixed:  # fixed tokens compete with their current probability
+                    mixed = logits if cond_logits is None else \
+                        logits + cfg_scale * (cond_logits - logits)
+                    fixed = torch.log_softmax(mixed.float(), -1).gather(
+                        -1, sampled[..., None])[..., 0]
+                    confidence = torch.where(known, fixed, confidence)
+                if remask_temperature > 0:  # + scale * Gumbel noise
+                    scale = remask_temperature * (1 - (t + 1) / steps)
+                    confidence = confidence.sub_(_minus_gumbel((b, n), generator, device),
+                                                 alpha=scale)
+                if not remask_fixed and critic is not None:
+                    confidence = confidence.masked_fill(known, math.inf)
+                remask = lowest_k_mask(confidence.float(), n_masked)
+                tokens = torch.where(remask, model.mask_id, sampled)
+                known = ~remask
             current = n_masked
             if return_steps:
                 history.append(tokens.clone())

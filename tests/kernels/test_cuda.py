@@ -200,18 +200,22 @@ SAMPLE_CASES = [(8192, 64, 0.9, 1.0, False), (8192, None, 0.9, 0.8, True),
                 (1000, 5, None, 1.3, True), (50257, 50, 0.95, 1.0, False), (7, 9, 0.5, 1.0, False)]
 
 
+@pytest.mark.parametrize("per_row", [False, True], ids=["race", "per-row"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("v, top_k, top_p, temperature, cfg", SAMPLE_CASES,
                          ids=[f"V{v}-k{k}-p{p}-T{t}{'-cfg' if c else ''}"
                               for v, k, p, t, c in SAMPLE_CASES])
-def test_sample_logits_draws_equal_the_reference(v, top_k, top_p, temperature, cfg, dtype):
+def test_sample_logits_draws_equal_the_reference(v, top_k, top_p, temperature, cfg, dtype,
+                                                 per_row):
     b = 256
     g = _gen(v)
     x = (torch.randn(b, v, device="cuda", generator=g) * 2).to(dtype)
     if v >= 4:
         x[1, v // 2:] = float("-inf")
         x[2, : v // 2] = 1.25  # ties straddling the thresholds
-    noise = torch.rand(b, v, device="cuda", generator=g)
+    # one uniform a token (the race) or one a row (the inverse CDF)
+    noise = torch.rand(b, device="cuda", generator=g) if per_row else \
+        torch.rand(b, v, device="cuda", generator=g)
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     if cfg:
         kw.update(cond_logits=(torch.randn(b, v, device="cuda", generator=g) * 2).to(dtype),

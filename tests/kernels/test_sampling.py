@@ -1,7 +1,8 @@
 """Token sampling and re-masking: Triton (interpreter) and torch path against the references.
 
-Draws are compared token for token by passing the same uniform noise to every backend;
-the distribution itself is checked separately with a chi-square test.
+Draws are compared token for token by passing the same uniform noise to every backend, of
+both kinds (one a token: the race; one a row: the inverse CDF); the distribution itself is
+checked separately with a chi-square test.
 """
 
 import pytest
@@ -40,8 +41,10 @@ CASES = [
 IDS = [f"V{v}-k{k}-p{p}-T{t}{'-cfg' if c else ''}" for v, k, p, t, c in CASES]
 
 
-def _kwargs(v, top_k, top_p, temperature, cfg, b=4):
+def _kwargs(v, top_k, top_p, temperature, cfg, b=4, per_row=False):
     x, u = _logits(b, v)
+    if per_row:  # one uniform a row, spread over [0, 1) (its first column: 4 draws only)
+        u = (torch.arange(b) + u[:, 0]) / b
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     if cfg:
         kw.update(cond_logits=_logits(b, v, seed=1, special=False)[0], cfg_scale=2.5)
@@ -50,28 +53,32 @@ def _kwargs(v, top_k, top_p, temperature, cfg, b=4):
 
 @pytest.mark.interpreter
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter, on -inf
+@pytest.mark.parametrize("per_row", [False, True], ids=["race", "per-row"])
 @pytest.mark.parametrize("v, top_k, top_p, temperature, cfg", CASES, ids=IDS)
-def test_triton_draws_equal_the_reference(v, top_k, top_p, temperature, cfg):
-    x, u, kw = _kwargs(v, top_k, top_p, temperature, cfg)
+def test_triton_draws_equal_the_reference(v, top_k, top_p, temperature, cfg, per_row):
+    x, u, kw = _kwargs(v, top_k, top_p, temperature, cfg, per_row=per_row)
     tokens, probs = sample_logits_fwd(x, noise=u, **kw)
     ref_tokens, ref_probs = sample_logits_reference(x, noise=u, **kw)
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(probs, ref_probs, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("per_row", [False, True], ids=["race", "per-row"])
 @pytest.mark.parametrize("v, top_k, top_p, temperature, cfg", CASES, ids=IDS)
-def test_torch_path_draws_equal_the_reference(v, top_k, top_p, temperature, cfg):
-    x, u, kw = _kwargs(v, top_k, top_p, temperature, cfg, b=16)
+def test_torch_path_draws_equal_the_reference(v, top_k, top_p, temperature, cfg, per_row):
+    x, u, kw = _kwargs(v, top_k, top_p, temperature, cfg, b=16, per_row=per_row)
     tokens, probs = sample_logits_torch(x, noise=u, **kw)
     ref_tokens, ref_probs = sample_logits_reference(x, noise=u, **kw)
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(probs, ref_probs, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("per_row", [False, True], ids=["race", "per-row"])
 @pytest.mark.parametrize("top_k", [None, 4])
-def test_torch_path_rows_without_a_finite_logit_match_the_reference(top_k):
+def test_torch_path_rows_without_a_finite_logit_match_the_reference(top_k, per_row):
     # such rows send the whole call down the careful path: every row must still match
     x, u = _logits(6, 30, special=False)
+    u = u[:, 0] if per_row else u
     x[1] = float("-inf")
     x[3, ::3] = float("nan")
     x[4] = float("nan")
@@ -80,6 +87,30 @@ def test_torch_path_rows_without_a_finite_logit_match_the_reference(top_k):
     assert torch.equal(tokens, ref_tokens) and tokens[1] == 0 and tokens[4] == 0
     torch.testing.assert_close(probs, ref_probs, rtol=1e-5, atol=1e-6)
     assert probs[1] == 0 and probs[4] == 0 and (probs[[0, 2, 3, 5]] > 0).all()
+
+
+def test_per_row_noise_walks_the_cdf_in_vocabulary_order():
+    # kept tokens 1, 3, 4 (top-k 3) with probabilities 0.5, 0.2, 0.3 in vocabulary order:
+    # u below 0.5 draws 1, in [0.5, 0.7) draws 3, from 0.7 on (to just below 1) draws 4
+    probs = torch.tensor([0.01, 0.5, 0.005, 0.2, 0.3])
+    x = probs.log().expand(7, 5)
+    u = torch.tensor([0.0, 0.49, 0.51, 0.69, 0.71, 0.99, 1 - 2**-24])
+    want = torch.tensor([1, 1, 3, 3, 4, 4, 4])
+    kept = probs[[1, 3, 4]] / probs[[1, 3, 4]].sum()
+    for fn in (sample_logits_torch, sample_logits_reference):
+        tokens, p = fn(x, top_k=3, noise=u * kept.sum())
+        assert torch.equal(tokens, want), fn.__name__
+        torch.testing.assert_close(p, probs[want] / probs[[1, 3, 4]].sum())
+
+
+@pytest.mark.interpreter
+def test_triton_per_row_noise_near_one_draws_the_last_kept_token():
+    x = torch.tensor([[0.0, 1.0, -1.0, 0.5, float("-inf")]]).expand(3, 5).contiguous()
+    u = torch.tensor([0.0, 0.999999, 1 - 2**-24])
+    tokens, probs = sample_logits_fwd(x, noise=u, top_k=3)
+    assert torch.equal(tokens, torch.tensor([0, 3, 3]))
+    assert torch.equal(tokens, sample_logits_reference(x, noise=u, top_k=3)[0])
+    assert (probs > 0).all()
 
 
 @pytest.mark.interpreter
@@ -99,12 +130,15 @@ def test_triton_philox_draws_are_seeded_and_follow_the_filters():
     assert (allowed == draw[0][:, None]).any(-1).all()
 
 
-def test_the_torch_path_samples_the_filtered_distribution():
+@pytest.mark.parametrize("kw", [dict(temperature=0.9, top_k=20, top_p=0.95),
+                                dict(top_k=20), dict(temperature=1.3)],
+                         ids=["top-k-top-p", "top-k", "plain"])
+def test_the_torch_path_samples_the_filtered_distribution(kw):
     """Chi-square over 40,000 draws of one row (fixed seed): the empirical histogram of the
-    torch path matches the reference's filtered softmax."""
+    torch path (the inverse CDF on its own uniforms) matches the reference's filtered
+    softmax."""
     g = torch.Generator().manual_seed(0)
     row = torch.randn(1, 50, generator=g) * 1.5
-    kw = dict(temperature=0.9, top_k=20, top_p=0.95)
     expected = filtered_probs_reference(row, **kw)[0]
     n = 40_000
     tokens = sample_logits(row.expand(n, 50), generator=torch.Generator().manual_seed(1), **kw)
@@ -162,6 +196,8 @@ def test_nan_logits_are_never_drawn():
     (dict(temperature=-1.0), "temperature must be >= 0"),
     (dict(cfg_scale=2.0), "needs both"),
     (dict(cond_logits=torch.zeros(2, 5), cfg_scale=1.0), "cond_logits must match"),
+    (dict(noise=torch.zeros(2, 1)), "noise must be"),
+    (dict(noise=torch.zeros(4)), "noise must be"),
 ])
 def test_bad_sampling_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -201,6 +237,9 @@ def test_triton_lowest_k_mask_matches_reference(n, k):
 def test_torch_lowest_k_mask_matches_reference(n, k):
     s = _scores(len(k), n)
     assert torch.equal(lowest_k_mask_torch(s, k), lowest_k_mask_reference(s, k))
+    for same in (0, 1, n // 2, n, n + 3):  # one int k for every row: its own path
+        want = lowest_k_mask_reference(s, torch.full((len(k),), same))
+        assert torch.equal(lowest_k_mask_torch(s, same), want)
 
 
 def test_lowest_k_mask_ties_pick_the_lowest_indices():
