@@ -103,15 +103,15 @@ def _bench_cpu(benchmark, record, gen, batch, steps, cfg_scale):
 
 @pytest.fixture(scope="module")
 def painter(generator):
-    """muse_shapes.yaml's painter and layout model (pixel layouts with colours: 2 x 2 cells a
-    token; the layout model 128 wide; rotary text encoders) on the same VQGAN and
-    tokenizer."""
+    """muse_shapes.yaml's painter (with its layout skip path) and layout model (pixel layouts
+    with colours: 2 x 2 cells a token; the layout model 128 wide; rotary text encoders) on
+    the same VQGAN and tokenizer."""
     torch.manual_seed(1)
     config = dict(num_codes=256, grid=16, patch=2, local_kernel=3, depth=4, text_depth=2,
                   text_vocab=generator.tokenizer.vocab_size, text_length=96, layout_detail=2,
                   layout_colour=True, text_rotary=True)
-    model = MaskGitTransformer(MuseConfig(layout="bench", dim=192, heads=6, text_dim=192,
-                                          **config)).eval()
+    model = MaskGitTransformer(MuseConfig(layout="bench", layout_skip=True, dim=192, heads=6,
+                                          text_dim=192, **config)).eval()
     layouts = LayoutDrawer(MaskGitTransformer(MuseConfig(layout_model=True, dim=128, heads=4,
                                                          text_dim=128, **config)).eval(),
                            generator.tokenizer)

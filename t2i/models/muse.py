@@ -87,6 +87,9 @@ class MuseConfig:
     # 2, one for each of its 2 x 2 quarters (at 16 x 16 tokens of 32 px: every pixel)
     layout_colour: bool = False  # each cell also holds its object's colour (`colour_map`)
     layout_colour_weight: float = 0.25  # a layout model's colour term beside its classes'
+    layout_skip: bool = False  # a painter: each token's own cells also embedded into its
+    # output features (before the head): a direct, local path from the layout to its code
+    # (ignored by other models, so that `model.layout=` trains a plain one from the config)
     layout_colour_permute: bool = False  # a layout model with layout_colour, in training:
     # each sample's colour words and layout colours permuted alike (`permute_layout_colours`)
     low_res_tokenizer: str = ""  # super-resolution: the low-res stage's VQGAN run ("": base)
@@ -205,6 +208,8 @@ class MaskGitTransformer(nn.Module, Pretrained):
             d = torch.arange(c.layout_detail)
             cell = (d[:, None] * c.layout_detail + d).repeat(c.grid, c.grid)
             self.register_buffer("layout_table", cell * width, persistent=False)
+            if c.layout_skip:  # the same cells again, their own tables, to the output
+                self.layout_out = nn.Embedding(cells * width, c.dim)
         if c.critic:
             self.kind = "critic"
         if c.layout_model:
@@ -279,8 +284,10 @@ class MaskGitTransformer(nn.Module, Pretrained):
         each cell of the token grid, with `layout_colour` class + layout_classes x colour
         (painters)."""
         x = self.token_embed(tokens)  # [B, N, dim]
+        bags = None
         if layout is not None:
-            x = x + self._layout_features(layout)
+            bags = self._layout_bags(layout)
+            x = x + self._embed_bags(bags, self.layout_embed)
         if self_cond is not None and self.config.self_condition:
             x = x + self.self_cond(self_cond)
         p = self.config.patch
@@ -294,13 +301,14 @@ class MaskGitTransformer(nn.Module, Pretrained):
         hidden = self.norm(x)
         if p > 1:
             hidden = self._ungroup(self.split(hidden))  # [B, N, dim]
+        if bags is not None and self.config.layout_skip:
+            hidden = hidden + self._embed_bags(bags, self.layout_out)
         return (self.head(hidden) if return_logits else None), hidden
 
-    def _layout_features(self, layout: torch.Tensor) -> torch.Tensor:
-        """Layout map long [B, g*d, g*d] -> [B, N, dim]: per token, the sum of its d x d
-        cells' class embeddings (and, with `layout_colour`, colour embeddings), each cell
-        position with its own table, over d (the d^2 unit-variance class embeddings then
-        sum to the token embedding's scale)."""
+    def _layout_bags(self, layout: torch.Tensor) -> torch.Tensor:
+        """Layout map long [B, g*d, g*d] -> long [B * N, rows]: per token, the embedding rows
+        of its d x d cells' classes (and, with `layout_colour`, colours), each cell position
+        with its own table (`_embed_bags` sums them)."""
         c = self.config
         b, d, g = layout.shape[0], c.layout_detail, c.grid
         if layout.shape[1:] != (g * d, g * d):
@@ -313,9 +321,14 @@ class MaskGitTransformer(nn.Module, Pretrained):
             rows = (layout + table)[..., None]  # [B, g*d, g*d, 1]
         # one bag of rows a token (its d x d cells, in raster order): an embedding sum in
         # one pass, ~40x faster on CPU than embedding every cell and summing over the cells
-        bags = rows.reshape(b, g, d, g, d, -1).permute(0, 1, 3, 2, 4, 5).reshape(b * g * g, -1)
-        x = F.embedding_bag(bags, self.layout_embed.weight, mode="sum")
-        return x.view(b, g * g, -1) / d
+        return rows.reshape(b, g, d, g, d, -1).permute(0, 1, 3, 2, 4, 5).reshape(b * g * g, -1)
+
+    def _embed_bags(self, bags: torch.Tensor, table: nn.Embedding) -> torch.Tensor:
+        """-> [B, N, dim]: each token's bag summed through `table`, over d (the d^2
+        unit-variance embeddings then sum to the token embedding's scale)."""
+        c = self.config
+        x = F.embedding_bag(bags, table.weight, mode="sum")
+        return x.view(-1, c.grid * c.grid, x.shape[-1]) / c.layout_detail
 
     def _group(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, D] in raster order -> [B, N / p^2, p^2 D], one row per p x p patch."""

@@ -340,11 +340,50 @@ def test_a_painter_with_colours_adds_each_cells_class_and_colour_embeddings():
             cls, colour = layout[:, y, x] % 3, layout[:, y, x] // 3
             want[:, (y // 2) * 4 + x // 2] += (table[cell * width + cls] +
                                                table[cell * width + 3 + colour]) / 2
-    torch.testing.assert_close(model._layout_features(layout), want, rtol=1e-5, atol=1e-6)
+    features = model._embed_bags(model._layout_bags(layout), model.layout_embed)
+    torch.testing.assert_close(features, want, rtol=1e-5, atol=1e-6)
     recoloured = layout.clone()
     recoloured[:, 0, 0] = recoloured[:, 0, 0] % 3 + 3 * ((recoloured[:, 0, 0] // 3 + 1) %
                                                        COLOUR_CLASSES)
-    assert not torch.allclose(model._layout_features(recoloured)[:, 0], want[:, 0])
+    recoloured = model._embed_bags(model._layout_bags(recoloured), model.layout_embed)
+    assert not torch.allclose(recoloured[:, 0], want[:, 0])
+
+
+def test_layout_skip_adds_each_tokens_own_cells_to_its_output_features():
+    model = _model(layout="runs/layout", layout_classes=3, layout_colour=True, layout_detail=2,
+                   layout_skip=True).train()
+    width = 3 + COLOUR_CLASSES
+    assert model.layout_out.num_embeddings == 4 * width
+    ids, mask = TOKENIZER(["a red circle on the left", "a small blue ring at the top"])
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, 16, (2, 16), generator=g)
+    layout = torch.randint(0, 3, (2, 8, 8), generator=g) + \
+        3 * torch.randint(0, COLOUR_CLASSES, (2, 8, 8), generator=g)
+    # by hand: each token's 2 x 2 cells' classes and colours through the skip's own tables
+    # (a table a cell position), summed, over 2
+    table, want = model.layout_out.weight, torch.zeros(2, 16, 32)
+    for y in range(8):
+        for x in range(8):
+            row = ((y % 2) * 2 + x % 2) * width
+            cell = layout[:, y, x]
+            want[:, (y // 2) * 4 + x // 2] += (table[row + cell % 3] +
+                                               table[row + 3 + cell // 3]) / 2
+    skip = model._embed_bags(model._layout_bags(layout), model.layout_out)
+    torch.testing.assert_close(skip, want, rtol=1e-5, atol=1e-5)
+    ctx = model.condition(text=ids, text_mask=mask)
+    _, hidden = model.transformer(tokens, *ctx, layout=layout)
+    with torch.no_grad():  # the same pass without the skip path
+        saved = model.layout_out.weight.clone()
+        model.layout_out.weight.zero_()
+        _, without = model.transformer(tokens, *ctx, layout=layout)
+        model.layout_out.weight.copy_(saved)
+    torch.testing.assert_close(hidden, without + skip, rtol=1e-5, atol=1e-5)
+    loss, _ = model.loss(tokens, torch.ones_like(tokens, dtype=torch.bool), *ctx,
+                         layout=layout)
+    loss.backward()
+    assert model.layout_out.weight.grad.abs().sum(1).gt(0).sum() > width  # many rows learn
+    assert not hasattr(_model(layout="runs/layout"), "layout_out")
+    assert not hasattr(_model(layout_skip=True), "layout_out")  # not a painter: ignored
 
 
 def test_a_painter_generates_on_the_layouts_its_layout_model_draws_once_a_batch(
