@@ -80,8 +80,8 @@ def _generate(args) -> None:
     for i, prompt in enumerate(prompts):
         cond = {"class_ids": [prompt] * args.num} if class_mode else {"texts": [prompt] * args.num}
         out = pipe(**cond, steps=args.steps, cfg_scale=cfg, seed=args.seed + 1000 * i,
-                   schedule=args.schedule, temperature=args.temperature, top_k=args.top_k,
-                   critic=critic,
+                   schedule=args.schedule, temperature=args.temperature,
+                   remask_temperature=args.remask_temperature, top_k=args.top_k, critic=critic,
                    negative_texts=[args.negative] * args.num if args.negative else None)
         rows.append(out.images)
         if args.layouts:  # the drawn layout under the images painted on it
@@ -152,7 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="guidance scale (1: conditional only, 0: unconditional; default 3, "
                           "and no guidance for a painter on layouts: it blurs their shapes)")
     gen.add_argument("--schedule", default="cosine", choices=("cosine", "arccos", "linear"))
-    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--temperature", type=float,
+                     help="token sampling temperature (default 0.5 for a painter, else 1)")
+    gen.add_argument("--remask-temperature", type=float,
+                     help="Gumbel noise on the confidences that choose what is masked again, "
+                          "annealed to 0 (default 1 for a painter, else 4.5)")
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--critic", help="what decides the re-masking instead of the tokens' "
                                       "confidence: 'self' (the model re-scores) or a "

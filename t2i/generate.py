@@ -21,6 +21,12 @@ from t2i.images import to_pil
 from t2i.models.muse import SCHEDULES, mask_ratio, pick_layout
 from t2i_kernels import lowest_k_mask, sample_logits
 
+# decoding defaults. A painter's cooler sampling trades diversity for faithfulness (default
+# run, three seeds: single-object colour 93.0% -> 98.7%, every attribute 51.5% -> 63.7%;
+# recall 0.86 -> 0.76, FD-probe 234 -> 291): README "Painting what the layout says".
+PLAIN_DECODING = {"temperature": 1.0, "remask_temperature": 4.5}
+PAINTER_DECODING = {"temperature": 0.5, "remask_temperature": 1.0}
+
 
 @dataclass
 class Generated:
@@ -123,8 +129,9 @@ class MuseGenerator:
     @torch.no_grad()
     def __call__(self, texts: Sequence[str] | str | None = None, *, class_ids=None,
                  negative_texts: Sequence[str] | None = None, steps: int = 12,
-                 schedule: str = "cosine", temperature: float | tuple[float, float] = 1.0,
-                 remask_temperature: float = 4.5, top_k: int | None = None,
+                 schedule: str = "cosine",
+                 temperature: float | tuple[float, float] | None = None,
+                 remask_temperature: float | None = None, top_k: int | None = None,
                  top_p: float | None = None, cfg_scale: float | None = None,
                  critic: str | None = None, remask_fixed: bool = False, seed: int | None = None,
                  generator: torch.Generator | None = None, batch_size: int | None = None,
@@ -135,7 +142,9 @@ class MuseGenerator:
 
         temperature: token sampling temperature, or (start, end) annealed linearly over
         the steps. remask_temperature: Gumbel noise on the confidences that decide what is
-        masked again, annealed to 0 (MaskGIT's choice temperature). cfg_scale: logits =
+        masked again, annealed to 0 (MaskGIT's choice temperature). None: the model's
+        defaults, `PAINTER_DECODING` for a painter (its images come out cleaner: colours and
+        whole captions right more often), else 1 and 4.5. cfg_scale: logits =
         uncond + cfg_scale * (cond - uncond): 1 is the conditional model, 0 the
         unconditional one, None no guidance (one pass per step). negative_texts replace the
         unconditional rows' null condition. critic: None (the sampled tokens' own
@@ -147,6 +156,10 @@ class MuseGenerator:
         device: CPU and CUDA runs of one seed differ)."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        defaults = PAINTER_DECODING if self.layouts is not None else PLAIN_DECODING
+        temperature = defaults["temperature"] if temperature is None else temperature
+        if remask_temperature is None:
+            remask_temperature = defaults["remask_temperature"]
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         c = self.model.config

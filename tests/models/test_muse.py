@@ -9,7 +9,13 @@ import torch
 
 from t2i.data import ByteTokenizer
 from t2i.data.scenes import COLOUR_NAMES, COLOURS, parse_caption
-from t2i.generate import LayoutDrawer, MuseGenerator, masked_counts
+from t2i.generate import (
+    PAINTER_DECODING,
+    PLAIN_DECODING,
+    LayoutDrawer,
+    MuseGenerator,
+    masked_counts,
+)
 from t2i.models.muse import (
     COLOUR_CLASSES,
     LocalMix,
@@ -406,6 +412,14 @@ def test_a_painter_generates_on_the_layouts_its_layout_model_draws_once_a_batch(
     assert torch.equal(out.layout, torch.cat(drawn))
     again = gen(texts, steps=4, cfg_scale=2.0, seed=0, batch_size=2)
     assert torch.equal(out.tokens, again.tokens)
+    # a painter decodes with its own defaults, other models with theirs
+    assert torch.equal(out.tokens, gen(texts, steps=4, cfg_scale=2.0, seed=0, batch_size=2,
+                                       **PAINTER_DECODING).tokens)
+    assert not torch.equal(out.tokens, gen(texts, steps=4, cfg_scale=2.0, seed=0,
+                                           batch_size=2, **PLAIN_DECODING).tokens)
+    plain = MuseGenerator(_model(), vqgan, TOKENIZER)
+    assert torch.equal(plain(texts, steps=4, seed=0).tokens,
+                       plain(texts, steps=4, seed=0, **PLAIN_DECODING).tokens)
     monkeypatch.setenv("T2I_KERNEL_BACKEND", "reference")
     assert torch.equal(out.tokens, gen(texts, steps=4, cfg_scale=2.0, seed=0,
                                        batch_size=2).tokens)
