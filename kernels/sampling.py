@@ -69,6 +69,20 @@ def _guided(p_x, p_c, o, mask, scale, cfg_scale, has_cfg):
 
 
 @triton.jit
+def _kept(p_x, p_c, o, m, scale, cfg_scale, has_cfg, k_key, k_ties, seen_k, use_topp, p_key,
+          p_ties, seen_p):
+    """One block's logits and the mask of its tokens kept by top-k (and top-p), with the
+    updated tie counters: -> (x, keep, seen_k, seen_p)."""
+    x = _guided(p_x, p_c, o, m, scale, cfg_scale, has_cfg)
+    key = _ordered_key(x)
+    keep, seen_k = _tie_keep(key, k_key, k_ties, seen_k)
+    if use_topp != 0:
+        keep_p, seen_p = _tie_keep(tl.where(keep, key, _NO_KEY), p_key, p_ties, seen_p)
+        keep = keep & keep_p
+    return x, keep, seen_k, seen_p
+
+
+@triton.jit
 def _count_above(p_x, p_c, V, scale, cfg_scale, has_cfg, thr, BLOCK_V: tl.constexpr):
     """How many of the row's keys exceed `thr` (keys are integers: >= t is > t - 1)."""
     n = 0
@@ -166,12 +180,8 @@ def _sample_logits_fwd_kernel(
     for v0 in range(0, V, BLOCK_V):
         o = v0 + o_v
         m = o < V
-        x = _guided(p_x, p_c, o, m, scale, cfg_scale, has_cfg)
-        key = _ordered_key(x)
-        keep, seen_k = _tie_keep(key, k_key, k_ties, seen_k)
-        if use_topp != 0:
-            keep_p, seen_p = _tie_keep(tl.where(keep, key, _NO_KEY), p_key, p_ties, seen_p)
-            keep = keep & keep_p
+        x, keep, seen_k, seen_p = _kept(p_x, p_c, o, m, scale, cfg_scale, has_cfg, k_key, k_ties,
+                                        seen_k, use_topp, p_key, p_ties, seen_p)
         z += tl.sum(tl.where(keep, tl.exp(x - ref), 0.0), 0)
         if has_noise == 1:
             u = tl.load(noise_ptr + i_b * stride_n + o, mask=m, other=0.5)
@@ -203,12 +213,8 @@ def _sample_logits_fwd_kernel(
         for v0 in range(0, V, BLOCK_V):
             o = v0 + o_v
             m = o < V
-            x = _guided(p_x, p_c, o, m, scale, cfg_scale, has_cfg)
-            key = _ordered_key(x)
-            keep, seen_k = _tie_keep(key, k_key, k_ties, seen_k)
-            if use_topp != 0:
-                keep_p, seen_p = _tie_keep(tl.where(keep, key, _NO_KEY), p_key, p_ties, seen_p)
-                keep = keep & keep_p
+            x, keep, seen_k, seen_p = _kept(p_x, p_c, o, m, scale, cfg_scale, has_cfg, k_key,
+                                            k_ties, seen_k, use_topp, p_key, p_ties, seen_p)
             w = tl.where(keep, tl.exp(x - ref), 0.0)
             c = run + tl.cumsum(w, 0)
             b_first = tl.min(tl.where((c > target) & (w > 0), o, V), 0)
