@@ -183,20 +183,20 @@ def _sample_logits_fwd_kernel(
         x, keep, seen_k, seen_p = _kept(p_x, p_c, o, m, scale, cfg_scale, has_cfg, k_key, k_ties,
                                         seen_k, use_topp, p_key, p_ties, seen_p)
         z += tl.sum(tl.where(keep, tl.exp(x - ref), 0.0), 0)
-        if has_noise == 1:
-            u = tl.load(noise_ptr + i_b * stride_n + o, mask=m, other=0.5)
-        elif has_noise == 0:
-            u = tl.rand(seed, i_b * V + o)
-        else:  # one uniform a row: the inverse CDF below decides
-            u = tl.full([BLOCK_V], 0.5, tl.float32)
-        race = tl.where(greedy != 0, x, x - tl.log(-tl.log(u)))
-        race = tl.where(keep, race, float("-inf"))
-        b_best = tl.max(race, 0)
-        b_i = tl.argmax(race, 0)
-        better = b_best > best  # strict: the first maximum wins, as torch.argmax
-        best_x = tl.where(better, tl.max(tl.where(o_v == b_i, x, float("-inf")), 0), best_x)
-        best_i = tl.where(better, v0 + b_i, best_i)
-        best = tl.where(better, b_best, best)
+        if (has_noise != 2) | (greedy != 0):  # the race (one uniform a row: the pass below)
+            if has_noise == 1:
+                u = tl.load(noise_ptr + i_b * stride_n + o, mask=m, other=0.5)
+            else:
+                u = tl.rand(seed, i_b * V + o)
+            race = tl.where(greedy != 0, x, x - tl.log(-tl.log(u)))
+            race = tl.where(keep, race, float("-inf"))
+            b_best = tl.max(race, 0)
+            b_i = tl.argmax(race, 0)
+            better = b_best > best  # strict: the first maximum wins, as torch.argmax
+            best_x = tl.where(better, tl.max(tl.where(o_v == b_i, x, float("-inf")), 0),
+                              best_x)
+            best_i = tl.where(better, v0 + b_i, best_i)
+            best = tl.where(better, b_best, best)
 
     # one uniform a row: the first kept token (vocabulary order) whose running mass exceeds
     # u * z; where rounding leaves none (u near 1), the last kept token
@@ -355,8 +355,9 @@ def aot_launches():
 
 
 def _nan_to(x: torch.Tensor, value: float) -> torch.Tensor:
-    """Replace NaN only (torch.nan_to_num would also turn +-inf into finite numbers)."""
-    return torch.where(torch.isnan(x), value, x)
+    """Replace NaN only, in one pass (nan_to_num with +-inf kept as they are)."""
+    inf = float("inf")
+    return torch.nan_to_num(x, nan=value, posinf=inf, neginf=-inf)
 
 
 def _guided_logits(logits, temperature, cond_logits, cfg_scale, clean: bool = True):
@@ -490,15 +491,13 @@ def sample_logits_torch(logits, *, temperature=1.0, top_k=None, top_p=None, cond
         u = torch.rand(b, generator=generator, device=x.device) if noise is None else noise
         if not plain:
             probs = _nan_to(probs, 0.0)
-        if cand is None:
-            j = _inverse_cdf(probs, u, zero_rows=not plain)
-            return j[:, 0], probs.gather(-1, j)[:, 0]
-        if top_p_on:  # the CDF runs in vocabulary order
-            order = cand.argsort(-1)
-            j = order.gather(-1, _inverse_cdf(probs.gather(-1, order), u, zero_rows=not plain))
+        if top_p_on and cand is not None:  # value-ordered candidates: the CDF runs in
+            order = cand.argsort(-1)  # vocabulary order
+            j = order.gather(-1, _inverse_cdf(probs.gather(-1, order), u, not plain))
         else:
-            j = _inverse_cdf(probs, u, zero_rows=not plain)
-        return cand.gather(-1, j)[:, 0], probs.gather(-1, j)[:, 0]
+            j = _inverse_cdf(probs, u, not plain)
+        tokens = j[:, 0] if cand is None else cand.gather(-1, j)[:, 0]
+        return tokens, probs.gather(-1, j)[:, 0]
     if greedy or not plain:
         if greedy:
             race = xc
@@ -532,8 +531,7 @@ def lowest_k_mask_torch(scores, k):
     """CPU: one stable sort per row (L is a token map: a sort beat topk with tie
     bookkeeping on every measured size); k an int: its first k entries, else (k long [B])
     the inverse permutation's ranks."""
-    inf = float("inf")
-    s = torch.nan_to_num(scores.float(), nan=inf, posinf=inf, neginf=-inf)
+    s = _nan_to(scores.float(), float("inf"))
     order = torch.sort(s, dim=-1, stable=True).indices
     if isinstance(k, int):
         return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, order[:, :k], True)
