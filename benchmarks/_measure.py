@@ -1,4 +1,5 @@
-"""Timing and peak-memory helpers shared by the benchmark suites.
+"""Timing and peak-memory helpers shared by the benchmark suites, and the default run's
+VQGAN configuration they build their models on.
 
 Ratios are taken in one run: the benchmark times its subject with pytest-benchmark and the
 alternatives with `median_time` in the same process, interleaved, on the same inputs.
@@ -6,10 +7,12 @@ alternatives with `median_time` in the same process, interleaved, on the same in
 
 import ctypes
 import ctypes.util
+import os
 import statistics
 import time
 
 import torch
+import yaml
 
 try:  # glibc: hand freed heap pages back to the OS, so reusing them shows in the RSS again
     _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
@@ -87,3 +90,15 @@ def peak_extra_bytes(fn, device="cpu") -> int:
 
 def mib(nbytes: int) -> float:
     return round(nbytes / 2**20, 1)
+
+
+def vqgan16_config():
+    """VQGANConfig of training/configs/vqgan16_shapes.yaml (the default run's tokenizer): the
+    generation and training benchmarks time the vocabulary the default run models."""
+    from t2i.models.vqgan import VQGANConfig
+
+    path = os.path.join(os.path.dirname(__file__), "..", "training", "configs",
+                        "vqgan16_shapes.yaml")
+    with open(path, encoding="utf-8") as f:
+        model = yaml.safe_load(f)["model"]
+    return VQGANConfig(**{k: v for k, v in model.items() if k not in ("family", "stage")})

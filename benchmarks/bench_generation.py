@@ -1,6 +1,6 @@
 """Muse / MaskGIT generation speed: images/s at batch 1 and 32 for 8, 12 and 24 steps.
 
-The model is muse_shapes.yaml's architecture (16 x 16 tokens of 256 codes run as 8 x 8
+The model is muse_shapes.yaml's architecture (16 x 16 tokens of 1,024 codes run as 8 x 8
 positions, width 192, depth 4, 3 x 3 local mixing, text encoder depth 2) over
 vqgan16_shapes.yaml's VQGAN, randomly initialised: speed does not depend on the weights.
 Guidance is on (scale 3): each step is one transformer call on 2B rows. Figures per row:
@@ -23,11 +23,11 @@ import time
 import pytest
 import torch
 
-from benchmarks._measure import interleaved_medians, mib, peak_extra_bytes, sync
+from benchmarks._measure import interleaved_medians, mib, peak_extra_bytes, sync, vqgan16_config
 from t2i.data import ByteTokenizer
 from t2i.generate import LayoutDrawer, MuseGenerator
 from t2i.models.muse import MaskGitTransformer, MuseConfig
-from t2i.models.vqgan import VQGAN, VQGANConfig
+from t2i.models.vqgan import VQGAN
 
 PROMPT = "a large red circle on the left. the large red circle is left of the small blue ring"
 
@@ -36,10 +36,10 @@ PROMPT = "a large red circle on the left. the large red circle is left of the sm
 def generator():
     torch.manual_seed(0)
     tokenizer = ByteTokenizer(96)
-    vqgan = VQGAN(VQGANConfig(channels=32, mults=(1, 2), num_codes=256, code_dim=32)).eval()
+    vqgan = VQGAN(vqgan16_config()).eval()
     model = MaskGitTransformer(MuseConfig(
-        num_codes=256, grid=16, patch=2, local_kernel=3, dim=192, depth=4, heads=6,
-        text_vocab=tokenizer.vocab_size, text_length=96, text_dim=192, text_depth=2,
+        num_codes=vqgan.config.num_codes, grid=16, patch=2, local_kernel=3, dim=192, depth=4,
+        heads=6, text_vocab=tokenizer.vocab_size, text_length=96, text_dim=192, text_depth=2,
         text_rotary=True)).eval()
     return MuseGenerator(model, vqgan, tokenizer)
 
@@ -107,9 +107,9 @@ def painter(generator):
     with colours: 2 x 2 cells a token; the layout model 128 wide; rotary text encoders) on
     the same VQGAN and tokenizer."""
     torch.manual_seed(1)
-    config = dict(num_codes=256, grid=16, patch=2, local_kernel=3, depth=4, text_depth=2,
-                  text_vocab=generator.tokenizer.vocab_size, text_length=96, layout_detail=2,
-                  layout_colour=True, text_rotary=True)
+    config = dict(num_codes=generator.vqgan.config.num_codes, grid=16, patch=2,
+                  local_kernel=3, depth=4, text_depth=2, text_vocab=generator.tokenizer.vocab_size,
+                  text_length=96, layout_detail=2, layout_colour=True, text_rotary=True)
     model = MaskGitTransformer(MuseConfig(layout="bench", layout_skip=True, dim=192, heads=6,
                                           text_dim=192, **config)).eval()
     layouts = LayoutDrawer(MaskGitTransformer(MuseConfig(layout_model=True, dim=128, heads=4,

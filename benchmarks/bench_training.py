@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from benchmarks._measure import interleaved_medians, mib, peak_extra_bytes
+from benchmarks._measure import interleaved_medians, mib, peak_extra_bytes, vqgan16_config
 from t2i.data.synth import synthesize
 from t2i.training.config import load_config
 from t2i.training.loop import Trainer
@@ -105,10 +105,10 @@ def vqgan16(tmp_path_factory):
     """vqgan16_shapes.yaml's VQGAN, randomly initialised and exported: the Muse step's
     speed does not depend on its weights."""
     from t2i.models import save_pretrained
-    from t2i.models.vqgan import VQGAN, VQGANConfig
+    from t2i.models.vqgan import VQGAN
 
     out = str(tmp_path_factory.mktemp("vqgan16"))
-    vqgan = VQGAN(VQGANConfig(channels=32, mults=(1, 2), num_codes=256, code_dim=32))
+    vqgan = VQGAN(vqgan16_config())
     save_pretrained(vqgan, os.path.join(out, "export"), family="vqgan", stage="tokenizer")
     return out
 
