@@ -437,12 +437,37 @@ def lowest_k_mask_reference(scores, k):
 # ----------------------------------------------------------------------------- torch path
 
 
+# logits a chunk of rows on the CPU (4 MiB of fp32): temporaries of 32 MiB and more are
+# fresh mappings from the allocator every call, page-faulted in again; 2**17 to 2**21
+# measured alike on 8M logits
+_CPU_CHUNK = 1 << 20
+
+
 def sample_logits_torch(logits, *, temperature=1.0, top_k=None, top_p=None, cond_logits=None,
                         cfg_scale=None, noise=None, generator=None):
     """CPU sampling: top-k by torch.topk of k only; top-p inside the k candidates (a full
     stable sort only when there is no top-k); then the exponential race on `noise` [B, V],
     or the inverse CDF on `noise` [B] or on one uniform a row drawn from `generator` (V
-    times fewer draws than the race). logits [B, V] -> (tokens long [B], probs fp32 [B])."""
+    times fewer draws than the race). logits [B, V] -> (tokens long [B], probs fp32 [B]).
+    On the CPU, rows go through in chunks of ~`_CPU_CHUNK` logits: every step is row-wise,
+    so the draws are the same, and the temporaries stay small (MaskGIT's first step at
+    batch 32 over 1,024 codes: 8M logits, 38 -> 9 ms on 2 cores)."""
+    b, v = logits.shape
+    rows = max(1, _CPU_CHUNK // v)
+    if logits.device.type != "cpu" or b <= rows:
+        return _sample_rows(logits, temperature, top_k, top_p, cond_logits, cfg_scale, noise,
+                            generator)
+    if noise is None and temperature != 0:  # the one uniform a row, drawn as unchunked
+        noise = torch.rand(b, generator=generator, device=logits.device)
+    out = [_sample_rows(logits[i:i + rows], temperature, top_k, top_p,
+                        None if cond_logits is None else cond_logits[i:i + rows], cfg_scale,
+                        None if noise is None else noise[i:i + rows], None)
+           for i in range(0, b, rows)]
+    return torch.cat([t for t, _ in out]), torch.cat([p for _, p in out])
+
+
+def _sample_rows(logits, temperature, top_k, top_p, cond_logits, cfg_scale, noise, generator):
+    """`sample_logits_torch` on one chunk of rows."""
     greedy = temperature == 0
     by_row = not greedy and (noise is None or noise.dim() == 1)  # the inverse CDF
     x = _guided_logits(logits, temperature, cond_logits, cfg_scale, clean=False)

@@ -8,7 +8,7 @@ checked separately with a chi-square test.
 import pytest
 import torch
 
-from t2i_kernels import lowest_k_mask, sample_logits
+from t2i_kernels import lowest_k_mask, sample_logits, sampling
 from t2i_kernels.sampling import (
     filtered_probs_reference,
     lowest_k_mask_fwd,
@@ -71,6 +71,24 @@ def test_torch_path_draws_equal_the_reference(v, top_k, top_p, temperature, cfg,
     ref_tokens, ref_probs = sample_logits_reference(x, noise=u, **kw)
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(probs, ref_probs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["race", "per-row"])
+@pytest.mark.parametrize("v, top_k, top_p, temperature, cfg", CASES, ids=IDS)
+def test_torch_path_in_row_chunks_draws_the_same(monkeypatch, v, top_k, top_p, temperature,
+                                                 cfg, per_row):
+    # large inputs go through the CPU path in chunks of rows: 3 rows a chunk here (the
+    # last one short), given noise and noise drawn from a generator
+    x, u, kw = _kwargs(v, top_k, top_p, temperature, cfg, b=16, per_row=per_row)
+    whole = sample_logits_torch(x, noise=u, **kw)
+    drawn = sample_logits_torch(x, generator=torch.Generator().manual_seed(5), **kw)
+    monkeypatch.setattr(sampling, "_CPU_CHUNK", 3 * v)
+    for a, b in [(whole, sample_logits_torch(x, noise=u, **kw)),
+                 (drawn, sample_logits_torch(x, generator=torch.Generator().manual_seed(5),
+                                             **kw))]:
+        assert torch.equal(a[0], b[0])
+        torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
+    assert torch.equal(whole[0], sample_logits_reference(x, noise=u, **kw)[0])
 
 
 @pytest.mark.parametrize("per_row", [False, True], ids=["race", "per-row"])
