@@ -96,9 +96,11 @@ def vqgan16_config():
     """VQGANConfig of training/configs/vqgan16_shapes.yaml (the default run's tokenizer): the
     generation and training benchmarks time the vocabulary the default run models."""
     from t2i.models.vqgan import VQGANConfig
+    from t2i.training.config import from_dict
 
     path = os.path.join(os.path.dirname(__file__), "..", "training", "configs",
                         "vqgan16_shapes.yaml")
     with open(path, encoding="utf-8") as f:
         model = yaml.safe_load(f)["model"]
-    return VQGANConfig(**{k: v for k, v in model.items() if k not in ("family", "stage")})
+    keys = {k: v for k, v in model.items() if k not in ("family", "stage")}
+    return from_dict(VQGANConfig, keys, "model")  # checked and typed, as train.py builds it
