@@ -9,7 +9,10 @@ once, one `lowest_k_mask` choosing what to mask again. No Python loop over token
     >>> out.images.shape, out.pil[0]       # [1, 3, 32, 32] in [-1, 1], a PIL image
 """
 
+import ctypes
+import ctypes.util
 import math
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -26,6 +29,39 @@ from t2i_kernels import lowest_k_mask, sample_logits
 # recall 0.86 -> 0.76, FD-probe 234 -> 291): README "Painting what the layout says".
 PLAIN_DECODING = {"temperature": 1.0, "remask_temperature": 4.5}
 PAINTER_DECODING = {"temperature": 0.5, "remask_temperature": 1.0}
+
+
+# glibc's malloc parameters (mallopt): sizes up to this come from the heap, and this much of
+# its freed top stays mapped
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_HEAP_MMAP, _HEAP_TRIM = 64 << 20, 256 << 20
+_heap_kept = False
+
+
+def keep_freed_heap() -> bool:
+    """CPU decoding: let glibc reuse freed heap memory for the next step's temporaries.
+
+    A decode step allocates a few MiB-sized tensors (logits, probabilities, their sums) and
+    frees them. By default glibc serves such sizes from fresh mappings or hands the freed
+    top of the heap back to the OS, so every step page-faults its temporaries in again:
+    about half of the time a batch-1 decode spends outside the network (README, "Where the
+    decoding time goes"). Process-wide, once: sizes up to 64 MiB come from the heap, and up
+    to 256 MiB of freed heap stays mapped. A no-op on other C libraries and with
+    T2I_MALLOC=system. -> whether the parameters are set."""
+    global _heap_kept
+    if _heap_kept or os.environ.get("T2I_MALLOC", "") == "system":
+        return _heap_kept
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+        if not hasattr(libc, "gnu_get_libc_version"):  # another libc: other parameters
+            return False
+    except (OSError, AttributeError, TypeError):
+        return False
+    _heap_kept = bool(mallopt(_M_MMAP_THRESHOLD, _HEAP_MMAP)) and \
+        bool(mallopt(_M_TRIM_THRESHOLD, _HEAP_TRIM))
+    return _heap_kept
 
 
 @dataclass
@@ -156,6 +192,8 @@ class MuseGenerator:
         device: CPU and CUDA runs of one seed differ)."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        if self.device.type == "cpu":
+            keep_freed_heap()
         defaults = PAINTER_DECODING if self.layouts is not None else PLAIN_DECODING
         temperature = defaults["temperature"] if temperature is None else temperature
         if remask_temperature is None:

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+from t2i import generate
 from t2i.data import ByteTokenizer
 from t2i.data.scenes import COLOUR_NAMES, COLOURS, parse_caption
 from t2i.generate import (
@@ -527,6 +528,36 @@ def test_the_head_runs_on_exactly_the_positions_asked_for(vqgan):
         picked, _ = gen._logits(tokens, *ctx, None, where)
         full, _ = model.transformer(tokens, *ctx)
     torch.testing.assert_close(picked, full[torch.arange(2)[:, None], where])
+
+
+class _FakeLibc:
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, param, value):
+        self.calls.append((param, value))
+        return 1
+
+    def gnu_get_libc_version(self):
+        return b"2.99"
+
+
+def test_cpu_generation_keeps_freed_heap_once_unless_told_not_to(vqgan, monkeypatch):
+    libc = _FakeLibc()
+    monkeypatch.setattr(generate.ctypes, "CDLL", lambda name: libc)
+    monkeypatch.setattr(generate, "_heap_kept", False)
+    gen = MuseGenerator(_model(), vqgan, TOKENIZER)
+    monkeypatch.setenv("T2I_MALLOC", "system")
+    gen(["a red circle"], steps=2, seed=0)
+    assert libc.calls == [] and not generate.keep_freed_heap()
+    monkeypatch.delenv("T2I_MALLOC")
+    gen(["a red circle"], steps=2, seed=0)
+    gen(["a red circle"], steps=2, seed=0)  # once a process
+    # glibc's M_MMAP_THRESHOLD (-3) and M_TRIM_THRESHOLD (-1)
+    assert libc.calls == [(-3, 64 << 20), (-1, 256 << 20)] and generate.keep_freed_heap()
+    monkeypatch.setattr(generate, "_heap_kept", False)
+    monkeypatch.setattr(generate.ctypes, "CDLL", lambda name: object())  # not glibc
+    assert not generate.keep_freed_heap()
 
 
 def test_seeded_generation_is_reproducible_and_seeds_differ(vqgan):
