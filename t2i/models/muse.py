@@ -493,11 +493,18 @@ def layout_ce(logits: torch.Tensor, target: torch.Tensor, classes: int,
     return ce
 
 
-def pick_layout(scores: torch.Tensor, classes: int) -> torch.Tensor:
+def pick_layout(scores: torch.Tensor, classes: int, threshold: float | None = None
+                ) -> torch.Tensor:
     """Scores or mixes [..., W] -> each cell's layout long [...]: its most likely class,
     and (W > classes) + classes x its colour, 1 + its most likely scene colour where the
-    class is an object's (0 on the background)."""
-    out = scores[..., :classes].argmax(-1)
+    class is an object's (0 on the background). `threshold`: a cell is an object's where
+    the background's probability (softmax of the class scores) is below it, then its most
+    likely object class; else the background (None: the most likely class)."""
+    if threshold is None:
+        out = scores[..., :classes].argmax(-1)
+    else:
+        background = torch.softmax(scores[..., :classes].float(), -1)[..., 0]
+        out = torch.where(background < threshold, scores[..., 1:classes].argmax(-1) + 1, 0)
     if scores.shape[-1] > classes:
         colour = scores[..., -len(COLOUR_NAMES):].argmax(-1) + 1
         out = out + classes * torch.where(out > 0, colour, 0)

@@ -11,6 +11,7 @@ from t2i import generate
 from t2i.data import ByteTokenizer
 from t2i.data.scenes import COLOUR_NAMES, COLOURS, parse_caption
 from t2i.generate import (
+    LAYOUT_THRESHOLD,
     PAINTER_DECODING,
     PLAIN_DECODING,
     LayoutDrawer,
@@ -30,6 +31,7 @@ from t2i.models.muse import (
     mask_ratio,
     object_coverage,
     permute_layout_colours,
+    pick_layout,
     random_mask,
     shape_word_nll,
 )
@@ -190,8 +192,9 @@ def test_a_layout_model_learns_each_cells_class_mix_from_the_caption_alone(detai
     torch.testing.assert_close(accuracy, right)
     loss.backward()
     assert model.head.weight.grad.abs().sum() > 0 and model.text.embed.weight.grad is not None
-    drawn = LayoutDrawer(model, TOKENIZER)(texts)  # each cell's most likely class
-    assert torch.equal(drawn, logits.argmax(-1))
+    drawn = LayoutDrawer(model, TOKENIZER)(texts)  # objects where the background is unlikely
+    unlikely = torch.softmax(logits, -1)[..., 0] < LAYOUT_THRESHOLD
+    assert torch.equal(drawn, torch.where(unlikely, logits[..., 1:].argmax(-1) + 1, 0))
     for bad in ({"layout": "runs/x"}, {"critic": True}, {"low_res_codes": 16, "low_res_grid": 2},
                 {"layout_detail": 0}):
         with pytest.raises(ValueError, match="layout"):
@@ -297,7 +300,8 @@ def test_a_layout_model_with_colours_learns_each_object_cells_colour_beside_the_
     loss.backward()
     assert model.head.weight.grad[3:].abs().sum() > 0  # the colour scores learn too
     drawn = LayoutDrawer(model, TOKENIZER)(texts)  # class + 3 x colour (none on background)
-    shape = shapes.argmax(-1)
+    unlikely = torch.softmax(shapes, -1)[..., 0] < LAYOUT_THRESHOLD
+    shape = torch.where(unlikely, shapes[..., 1:].argmax(-1) + 1, 0)
     assert torch.equal(drawn, shape + 3 * torch.where(shape > 0, hues.argmax(-1) + 1, 0))
     assert bool((drawn < 3).any()) and bool((drawn >= 3).any())  # both kinds of cell here
     picture = layout_picture(drawn, 8, model.config)  # each cell in its colour, or black
@@ -436,6 +440,37 @@ def test_a_painter_generates_on_the_layouts_its_layout_model_draws_once_a_batch(
         MuseGenerator(_model(), vqgan, TOKENIZER, layouts=drawer)
     with pytest.raises(ValueError, match="layout model"):
         LayoutDrawer(_model(), TOKENIZER)
+
+
+def test_drawn_layouts_have_objects_where_the_background_is_below_the_threshold(vqgan):
+    # classes: background, A, B; then two colour scores (none is no score: COLOUR_NAMES)
+    probs = torch.tensor([[0.45, 0.35, 0.20], [0.30, 0.20, 0.50], [0.38, 0.31, 0.31],
+                          [0.90, 0.05, 0.05]])
+    colours = torch.zeros(4, len(COLOUR_NAMES))
+    colours[:, 1] = 1.0  # the second scene colour everywhere
+    scores = torch.cat([probs.log(), colours], -1)
+    assert pick_layout(scores, 3).tolist() == [0, 2 + 3 * 2, 0, 0]  # the most likely class
+    assert pick_layout(scores, 3, 0.5).tolist() == [1 + 3 * 2, 2 + 3 * 2, 1 + 3 * 2, 0]
+    assert pick_layout(scores, 3, 0.4).tolist() == [0, 2 + 3 * 2, 1 + 3 * 2, 0]
+    assert pick_layout(scores, 3, 0.3).tolist() == [0, 0, 0, 0]  # 0.30 is not below 0.3
+    drawer = LayoutDrawer(_model(layout_model=True, layout_classes=3), TOKENIZER)
+    texts = ["a large red circle on the left", "a small blue ring"]
+    ids, mask = TOKENIZER(texts)
+    with torch.no_grad():
+        logits = drawer.model.layout_logits(*drawer.model.condition(text=ids, text_mask=mask))
+    assert drawer.threshold == LAYOUT_THRESHOLD
+    assert torch.equal(drawer(texts), pick_layout(logits, 3, LAYOUT_THRESHOLD))
+    everywhere = drawer(texts, threshold=1.0)  # every cell an object's
+    assert (everywhere > 0).all() and torch.equal(everywhere, pick_layout(logits, 3, 1.0))
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="threshold"):
+            drawer(texts, threshold=bad)
+    gen = MuseGenerator(_model(layout="runs/layout", layout_classes=3), vqgan, TOKENIZER,
+                        layouts=drawer)
+    assert torch.equal(gen(texts, steps=2, seed=0, layout_threshold=1.0).layout, everywhere)
+    assert torch.equal(gen(texts, steps=2, seed=0).layout, drawer(texts))
+    with pytest.raises(ValueError, match="painter"):
+        MuseGenerator(_model(), vqgan, TOKENIZER)(texts, steps=2, layout_threshold=0.5)
 
 
 def test_shape_word_nll_compares_the_caption_with_its_shape_swapped(monkeypatch):
