@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="token sampling temperature (default 0.5 for a painter, else 1)")
     gen.add_argument("--remask-temperature", type=float,
                      help="Gumbel noise on the confidences that choose what is masked again, "
-                          "annealed to 0 (default 1 for a painter, else 4.5)")
+                          "annealed to 0 (default 0 for a painter, else 4.5)")
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--critic", help="what decides the re-masking instead of the tokens' "
                                       "confidence: 'self' (the model re-scores) or a "
