@@ -52,10 +52,10 @@ def keep_freed_heap() -> bool:
     A decode step allocates a few MiB-sized tensors (logits, probabilities, their sums) and
     frees them. By default glibc serves such sizes from fresh mappings or hands the freed
     top of the heap back to the OS, so every step page-faults its temporaries in again:
-    about half of the time a batch-1 decode spends outside the network (README, "Where the
-    decoding time goes"). Process-wide, once: sizes up to 64 MiB come from the heap, and up
-    to 256 MiB of freed heap stays mapped. A no-op on other C libraries and with
-    T2I_MALLOC=system. -> whether the parameters are set."""
+    about half of the time a batch-1 decode spends outside the network (benchmarks/
+    RESULTS.md, "Generation: Muse base"). Process-wide, once: sizes up to 64 MiB come from
+    the heap, and up to 256 MiB of freed heap stays mapped. A no-op on other C libraries
+    and with T2I_MALLOC=system. -> whether the parameters are set."""
     global _heap_kept
     if _heap_kept or os.environ.get("T2I_MALLOC", "") == "system":
         return _heap_kept
