@@ -10,7 +10,6 @@ once, one `lowest_k_mask` choosing what to mask again. No Python loop over token
 """
 
 import ctypes
-import ctypes.util
 import math
 import os
 import time
@@ -43,7 +42,7 @@ LAYOUT_THRESHOLD = 0.4
 # its freed top stays mapped
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _HEAP_MMAP, _HEAP_TRIM = 64 << 20, 256 << 20
-_heap_kept = False
+_heap_kept: bool | None = None  # None: not tried yet in this process
 
 
 def keep_freed_heap() -> bool:
@@ -53,23 +52,20 @@ def keep_freed_heap() -> bool:
     frees them. By default glibc serves such sizes from fresh mappings or hands the freed
     top of the heap back to the OS, so every step page-faults its temporaries in again:
     about half of the time a batch-1 decode spends outside the network (benchmarks/
-    RESULTS.md, "Generation: Muse base"). Process-wide, once: sizes up to 64 MiB come from
-    the heap, and up to 256 MiB of freed heap stays mapped. A no-op on other C libraries
-    and with T2I_MALLOC=system. -> whether the parameters are set."""
+    RESULTS.md, "Generation: Muse base"). Process-wide, tried once: sizes up to 64 MiB come
+    from the heap, and up to 256 MiB of freed heap stays mapped. A no-op on other C
+    libraries and with T2I_MALLOC=system. -> whether the parameters are set."""
     global _heap_kept
-    if _heap_kept or os.environ.get("T2I_MALLOC", "") == "system":
-        return _heap_kept
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-        if not hasattr(libc, "gnu_get_libc_version"):  # another libc: other parameters
-            return False
-    except (OSError, AttributeError, TypeError):
-        return False
-    _heap_kept = bool(mallopt(_M_MMAP_THRESHOLD, _HEAP_MMAP)) and \
-        bool(mallopt(_M_TRIM_THRESHOLD, _HEAP_TRIM))
-    return _heap_kept
+    if _heap_kept is None and os.environ.get("T2I_MALLOC", "") != "system":
+        _heap_kept = False
+        try:
+            libc = ctypes.CDLL(None)  # the symbols the process already has: its C library
+            if hasattr(libc, "gnu_get_libc_version"):  # glibc: another's parameters differ
+                _heap_kept = bool(libc.mallopt(_M_MMAP_THRESHOLD, _HEAP_MMAP)) and \
+                    bool(libc.mallopt(_M_TRIM_THRESHOLD, _HEAP_TRIM))
+        except (OSError, AttributeError):
+            pass
+    return bool(_heap_kept)
 
 
 @dataclass

@@ -580,7 +580,7 @@ class _FakeLibc:
 def test_cpu_generation_keeps_freed_heap_once_unless_told_not_to(vqgan, monkeypatch):
     libc = _FakeLibc()
     monkeypatch.setattr(generate.ctypes, "CDLL", lambda name: libc)
-    monkeypatch.setattr(generate, "_heap_kept", False)
+    monkeypatch.setattr(generate, "_heap_kept", None)  # not tried yet
     gen = MuseGenerator(_model(), vqgan, TOKENIZER)
     monkeypatch.setenv("T2I_MALLOC", "system")
     gen(["a red circle"], steps=2, seed=0)
@@ -590,7 +590,7 @@ def test_cpu_generation_keeps_freed_heap_once_unless_told_not_to(vqgan, monkeypa
     gen(["a red circle"], steps=2, seed=0)  # once a process
     # glibc's M_MMAP_THRESHOLD (-3) and M_TRIM_THRESHOLD (-1)
     assert libc.calls == [(-3, 64 << 20), (-1, 256 << 20)] and generate.keep_freed_heap()
-    monkeypatch.setattr(generate, "_heap_kept", False)
+    monkeypatch.setattr(generate, "_heap_kept", None)  # not tried yet
     monkeypatch.setattr(generate.ctypes, "CDLL", lambda name: object())  # not glibc
     assert not generate.keep_freed_heap()
 
