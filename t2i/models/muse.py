@@ -90,6 +90,10 @@ class MuseConfig:
     layout_skip: bool = False  # a painter: each token's own cells also embedded into its
     # output features (before the head): a direct, local path from the layout to its code
     # (ignored by other models, so that `model.layout=` trains a plain one from the config)
+    layout_reach: int = 0  # a painter's skip path: also the cells this many beyond each
+    # token's own on each side (its neighbours' outline: where an edge runs through it)
+    layout_shapes: bool = True  # a painter: each cell's shape class; False: only object or
+    # background (and its colour): the footprint draws the shape, no shape id meets a colour
     layout_colour_permute: bool = False  # a layout model with layout_colour, in training:
     # each sample's colour words and layout colours permuted alike (`permute_layout_colours`)
     low_res_tokenizer: str = ""  # super-resolution: the low-res stage's VQGAN run ("": base)
@@ -159,6 +163,8 @@ class MaskGitTransformer(nn.Module, Pretrained):
         if c.layout_colour_permute and not (c.layout_model and c.condition == "text"):
             raise ValueError("model.layout_colour_permute: only for a layout model "
                              "conditioned on text")
+        if c.layout_reach < 0:
+            raise ValueError(f"model.layout_reach must be >= 0, got {c.layout_reach}")
         if c.layout_colour_weight < 0:
             raise ValueError(f"model.layout_colour_weight must be >= 0, got "
                              f"{c.layout_colour_weight}")
@@ -203,13 +209,9 @@ class MaskGitTransformer(nn.Module, Pretrained):
         if c.layout:  # a painter: each token's cells' classes (and colours), embedded (a
             # table a cell position), summed and added to its input
             self.layout_embed = nn.Embedding(cells * width, c.dim)
-            # each cell's table (its position inside its token) as an offset into the
-            # embedding: [g*d, g*d], made once here rather than at every decoding step
-            d = torch.arange(c.layout_detail)
-            cell = (d[:, None] * c.layout_detail + d).repeat(c.grid, c.grid)
-            self.register_buffer("layout_table", cell * width, persistent=False)
-            if c.layout_skip:  # the same cells again, their own tables, to the output
-                self.layout_out = nn.Embedding(cells * width, c.dim)
+            if c.layout_skip:  # its cells again (and `layout_reach` beyond), to the output
+                self.layout_out = nn.Embedding((c.layout_detail + 2 * c.layout_reach) ** 2
+                                               * width, c.dim)
         if c.critic:
             self.kind = "critic"
         if c.layout_model:
@@ -302,33 +304,47 @@ class MaskGitTransformer(nn.Module, Pretrained):
         if p > 1:
             hidden = self._ungroup(self.split(hidden))  # [B, N, dim]
         if bags is not None and self.config.layout_skip:
+            if self.config.layout_reach:
+                bags = self._layout_bags(layout, self.config.layout_reach)
             hidden = hidden + self._embed_bags(bags, self.layout_out)
         return (self.head(hidden) if return_logits else None), hidden
 
-    def _layout_bags(self, layout: torch.Tensor) -> torch.Tensor:
+    def _layout_bags(self, layout: torch.Tensor, reach: int = 0) -> torch.Tensor:
         """Layout map long [B, g*d, g*d] -> long [B * N, rows]: per token, the embedding rows
-        of its d x d cells' classes (and, with `layout_colour`, colours), each cell position
-        with its own table (`_embed_bags` sums them)."""
+        of the cells of its window (its d x d cells and `reach` cells beyond on each side;
+        past the image edge, background) — each cell's class (and, with `layout_colour`,
+        colour), each window position with its own table (`_embed_bags` sums them: a
+        convolution over the one-hot layout, as a sum of table rows)."""
         c = self.config
         b, d, g = layout.shape[0], c.layout_detail, c.grid
         if layout.shape[1:] != (g * d, g * d):
             raise ValueError(f"layout: expected maps of {g * d}x{g * d} cells, got "
                              f"{tuple(layout.shape[1:])}")
-        k, table = c.layout_classes, self.layout_table  # each cell's table's first row
+        k, w = c.layout_classes, d + 2 * reach  # classes; window side in cells
+        if reach:
+            layout = F.pad(layout, (reach,) * 4)
+        # each token's window in raster order [B, g, g, w*w]: a strided view per position
+        win = torch.stack([layout[:, i:i + g * d:d, j:j + g * d:d]
+                           for i in range(w) for j in range(w)], -1)
+        table = torch.arange(w * w, device=layout.device) * layout_width(c)  # first rows
+        cls = win % k
+        if not c.layout_shapes:  # object (1) or background (0)
+            cls = (cls > 0).long()
         if c.layout_colour:  # a cell's class row, then its colour's (after the classes')
-            rows = torch.stack([layout % k + table, layout // k + k + table], -1)
+            rows = torch.stack([cls + table, win // k + k + table], -1).flatten(-2)
         else:
-            rows = (layout + table)[..., None]  # [B, g*d, g*d, 1]
-        # one bag of rows a token (its d x d cells, in raster order): an embedding sum in
-        # one pass, ~40x faster on CPU than embedding every cell and summing over the cells
-        return rows.reshape(b, g, d, g, d, -1).permute(0, 1, 3, 2, 4, 5).reshape(b * g * g, -1)
+            rows = cls + table
+        # one bag of rows a token: an embedding sum in one pass, ~40x faster on CPU than
+        # embedding every cell and summing over the cells
+        return rows.reshape(b * g * g, -1)
 
     def _embed_bags(self, bags: torch.Tensor, table: nn.Embedding) -> torch.Tensor:
-        """-> [B, N, dim]: each token's bag summed through `table`, over d (the d^2
-        unit-variance embeddings then sum to the token embedding's scale)."""
+        """-> [B, N, dim]: each token's bag summed through `table`, over the window side
+        (its w^2 unit-variance embeddings then sum to the token embedding's scale)."""
         c = self.config
         x = F.embedding_bag(bags, table.weight, mode="sum")
-        return x.view(-1, c.grid * c.grid, x.shape[-1]) / c.layout_detail
+        side = math.isqrt(bags.shape[1] // (2 if c.layout_colour else 1))
+        return x.view(-1, c.grid * c.grid, x.shape[-1]) / side
 
     def _group(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, D] in raster order -> [B, N / p^2, p^2 D], one row per p x p patch."""
@@ -604,6 +620,13 @@ class MuseTask(Task):
         self.vqgan = _load_tokenizer(config.tokenizer, VQGAN).requires_grad_(False)
         grid = data.image_size // 2 ** (len(self.vqgan.config.mults) - 1)
         config.num_codes = config.num_codes or self.vqgan.config.num_codes
+        if config.layout_model and config.grid:  # a layout model's own cells: it never reads
+            # or predicts image tokens, so its grid need not be the tokenizer's
+            if data.image_size % (config.grid * config.layout_detail):
+                raise ValueError(f"model.grid {config.grid} x layout_detail "
+                                 f"{config.layout_detail} cells do not split the "
+                                 f"{data.image_size} px images")
+            grid = config.grid
         config.grid = config.grid or grid
         if (config.num_codes, config.grid) != (self.vqgan.config.num_codes, grid):
             raise ValueError(f"model.num_codes / grid ({config.num_codes}, {config.grid}) "
@@ -633,11 +656,14 @@ class MuseTask(Task):
             return model.get("tokenizer_config", MuseConfig.tokenizer_config), [f"run.out={path}"]
         layout = model.get("layout", MuseConfig.layout)
         if layout and not _exported(layout):  # drawn on this painter's grid and cells
-            detail = model.get("layout_detail", MuseConfig.layout_detail)
+            config = model.get("layout_config", MuseConfig.layout_config)
             colour = model.get("layout_colour", MuseConfig.layout_colour)
-            return model.get("layout_config", MuseConfig.layout_config), [
-                f"run.out={layout}", f"model.tokenizer={path}", f"model.layout_detail={detail}",
-                f"model.layout_colour={str(colour).lower()}"]
+            overrides = [f"run.out={layout}", f"model.tokenizer={path}",
+                         f"model.layout_colour={str(colour).lower()}"]
+            if not _config_grid(config):  # on the tokenizer's grid: the painter's cells
+                detail = model.get("layout_detail", MuseConfig.layout_detail)
+                overrides.append(f"model.layout_detail={detail}")
+            return config, overrides
         return None
 
     def _tokens(self, images: torch.Tensor) -> torch.Tensor:
@@ -808,6 +834,14 @@ def layout_picture(layout: torch.Tensor, size: int, config: MuseConfig) -> torch
 
 def _exported(path: str) -> bool:
     return os.path.exists(os.path.join(export_path(path), "config.json"))
+
+
+def _config_grid(path: str) -> int:
+    """The model.grid a training config file sets (0: none, the tokenizer's)."""
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        return int((yaml.safe_load(f).get("model") or {}).get("grid") or 0)
 
 
 def _load_layouts(config: MuseConfig):

@@ -397,6 +397,60 @@ def test_layout_skip_adds_each_tokens_own_cells_to_its_output_features():
     assert not hasattr(_model(layout_skip=True), "layout_out")  # not a painter: ignored
 
 
+def test_layout_reach_adds_the_cells_around_each_token_to_its_output_features():
+    model = _model(layout="runs/layout", layout_classes=3, layout_colour=True, layout_detail=1,
+                   layout_skip=True, layout_reach=1).train()
+    width = 3 + COLOUR_CLASSES
+    assert model.layout_out.num_embeddings == 9 * width  # a 3 x 3 window of tables
+    g = torch.Generator().manual_seed(3)
+    layout = torch.randint(0, 3, (2, 4, 4), generator=g) + \
+        3 * torch.randint(0, COLOUR_CLASSES, (2, 4, 4), generator=g)
+    # by hand: each token's 3 x 3 cells (past the edge: background, no colour, cell 0)
+    # through the table of its place in the window, summed, over the window side
+    table, want = model.layout_out.weight, torch.zeros(2, 16, 32)
+    for y in range(4):
+        for x in range(4):
+            for dy in range(3):
+                for dx in range(3):
+                    yy, xx = y + dy - 1, x + dx - 1
+                    inside = 0 <= yy < 4 and 0 <= xx < 4
+                    cell = layout[:, yy, xx] if inside else torch.zeros(2, dtype=torch.long)
+                    row = (dy * 3 + dx) * width
+                    want[:, y * 4 + x] += (table[row + cell % 3] + table[row + 3 + cell // 3]) / 3
+    skip = model._embed_bags(model._layout_bags(layout, 1), model.layout_out)
+    torch.testing.assert_close(skip, want, rtol=1e-5, atol=1e-5)
+    ids, mask = TOKENIZER(["a red circle on the left", "a small blue ring at the top"])
+    ctx = model.condition(text=ids, text_mask=mask)
+    tokens = torch.randint(0, 16, (2, 16), generator=g)
+    _, hidden = model.transformer(tokens, *ctx, layout=layout)
+    with torch.no_grad():
+        saved = model.layout_out.weight.clone()
+        model.layout_out.weight.zero_()
+        _, without = model.transformer(tokens, *ctx, layout=layout)
+        model.layout_out.weight.copy_(saved)
+    torch.testing.assert_close(hidden, without + skip, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="layout_reach"):
+        _model(layout="runs/layout", layout_skip=True, layout_reach=-1)
+
+
+def test_a_painter_without_layout_shapes_sees_the_footprint_not_the_shape_class():
+    model = _model(layout="runs/layout", layout_classes=4, layout_colour=True, layout_detail=2,
+                   layout_skip=True, layout_reach=1, layout_shapes=False)
+    layout = torch.zeros(1, 8, 8, dtype=torch.long)
+    layout[:, 2:5, 3:6] = 1 + 4 * 2  # shape class 1 in colour 2
+    other = layout.clone()
+    other[layout > 0] = 3 + 4 * 2  # shape class 3, the same cells and colour
+    moved = torch.roll(layout, 1, dims=2)
+    for reach, table in ((0, model.layout_embed), (1, model.layout_out)):
+        def embed(x):
+            return model._embed_bags(model._layout_bags(x, reach), table)
+        torch.testing.assert_close(embed(other), embed(layout))
+        assert not torch.allclose(embed(moved), embed(layout))
+    shapes = _model(layout="runs/layout", layout_classes=4, layout_colour=True, layout_detail=2)
+    assert not torch.allclose(shapes._embed_bags(shapes._layout_bags(other), shapes.layout_embed),
+                              shapes._embed_bags(shapes._layout_bags(layout), shapes.layout_embed))
+
+
 def test_a_painter_generates_on_the_layouts_its_layout_model_draws_once_a_batch(
         vqgan, monkeypatch):
     drawer = LayoutDrawer(_model(layout_model=True, layout_classes=3), TOKENIZER)
