@@ -143,7 +143,8 @@ def test_train_py_trains_the_missing_tokenizer_and_layout_model_first_then_the_p
     out, tokenizer = str(tmp_path / "muse"), str(tmp_path / "muse" / "vqgan")
     layout, layout_config = str(tmp_path / "muse" / "layout"), _write_config(
         tmp_path / "layout_tiny.yaml", "muse_layout_shapes.yaml",
-        _muse_overrides(synth_dir, "unused", "unused", steps=2) + elsewhere)
+        _muse_overrides(synth_dir, "unused", "unused", steps=2) + elsewhere
+        + ["model.grid=0"])  # on the tokenizer's grid: the painter's layout_detail passed on
     args = ["--config", os.path.join(REPO, "training", "configs", "muse_shapes.yaml"),
             "--deepspeed_config", ds_config(3), *_muse_overrides(synth_dir, out, tokenizer),
             f"model.tokenizer_config={vq_config}", f"model.layout={layout}",
@@ -166,16 +167,24 @@ def test_train_py_trains_the_missing_tokenizer_and_layout_model_first_then_the_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("detail,colour", [(1, "false"), (2, "true")])
+@pytest.mark.parametrize("detail,colour,own", [(1, "false", None), (2, "true", None),
+                                               (1, "true", (4, 2))])
 def test_a_layout_model_then_a_painter_on_its_layouts_train_export_and_generate(
-        tiny_vqgan, synth_dir, ds_config, tmp_path, capsys, detail, colour):
+        tiny_vqgan, synth_dir, ds_config, tmp_path, capsys, detail, colour, own):
     layout_out, out = str(tmp_path / "layout"), str(tmp_path / "painter")
     cells = [f"model.layout_detail={detail}", f"model.layout_colour={colour}"]
-    config = _muse_config(synth_dir, layout_out, tiny_vqgan, *cells, steps=2,
+    # the layout model on the tokenizer's 8 x 8 grid, or `own` (grid, detail): its own
+    # cells, as many as the painter's (4 x 4 cells of 2 x 2 each for 8 x 8 tokens)
+    grid, layout_detail = own or (0, detail)
+    config = _muse_config(synth_dir, layout_out, tiny_vqgan, *cells, f"model.grid={grid}",
+                          f"model.layout_detail={layout_detail}", steps=2,
                           config="muse_layout_shapes.yaml")
+    assert config.model["grid"] == grid
     metrics = Trainer(config, ds_config(2)).train()
     assert metrics["val_ce"] > 0 and 0 <= metrics["val_object_accuracy"] <= 1
     assert ("val_colour_accuracy" in metrics) == (colour == "true")
+    meta = json.load(open(os.path.join(layout_out, "export", "config.json")))
+    assert (meta["model"]["grid"], meta["model"]["layout_detail"]) == (grid or 8, layout_detail)
     assert os.path.exists(os.path.join(layout_out, "samples", "step_000002.png"))
     with pytest.raises(ValueError, match="holds a layout model"):
         load(layout_out)
