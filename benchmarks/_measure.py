@@ -92,15 +92,18 @@ def mib(nbytes: int) -> float:
     return round(nbytes / 2**20, 1)
 
 
-def vqgan16_config():
-    """VQGANConfig of training/configs/vqgan16_shapes.yaml (the default run's tokenizer): the
-    generation and training benchmarks time the vocabulary the default run models."""
+def default_vqgan_config():
+    """VQGANConfig of the default run's tokenizer (the file muse_shapes.yaml names as
+    model.tokenizer_config): the generation and training benchmarks time the vocabulary and
+    grid the default run models."""
     from t2i.models.vqgan import VQGANConfig
     from t2i.training.config import from_dict
 
-    path = os.path.join(os.path.dirname(__file__), "..", "training", "configs",
-                        "vqgan16_shapes.yaml")
-    with open(path, encoding="utf-8") as f:
+    repo = os.path.join(os.path.dirname(__file__), "..")
+    with open(os.path.join(repo, "training", "configs", "muse_shapes.yaml"),
+              encoding="utf-8") as f:
+        path = yaml.safe_load(f)["model"]["tokenizer_config"]
+    with open(os.path.join(repo, path), encoding="utf-8") as f:
         model = yaml.safe_load(f)["model"]
     keys = {k: v for k, v in model.items() if k not in ("family", "stage")}
     return from_dict(VQGANConfig, keys, "model")  # checked and typed, as train.py builds it

@@ -1,8 +1,9 @@
 """Muse / MaskGIT generation speed: images/s at batch 1 and 32 for 8, 12 and 24 steps.
 
-The model is muse_shapes.yaml's architecture (16 x 16 tokens of 1,024 codes run as 8 x 8
-positions, width 192, depth 4, 3 x 3 local mixing, text encoder depth 2) over
-vqgan16_shapes.yaml's VQGAN, randomly initialised: speed does not depend on the weights.
+The model is muse_shapes.yaml's architecture (32 x 32 tokens of 256 codes run as 8 x 8
+positions of 4 x 4, width 192, depth 4, 3 x 3 local mixing, text encoder depth 2) over the
+default run's VQGAN (vqgan32_shapes.yaml), randomly initialised: speed does not depend on
+the weights.
 Guidance is on (scale 3): each step is one transformer call on 2B rows. Figures per row:
 images/s; the share of the time spent outside the transformer and text-encoder calls (goal
 < 10%) and its two parts, the VQGAN decoder (once per image) and sampling + re-masking
@@ -23,7 +24,7 @@ import time
 import pytest
 import torch
 
-from benchmarks._measure import interleaved_medians, mib, peak_extra_bytes, sync, vqgan16_config
+from benchmarks._measure import interleaved_medians, mib, peak_extra_bytes, sync, default_vqgan_config
 from t2i.data import ByteTokenizer
 from t2i.generate import LayoutDrawer, MuseGenerator
 from t2i.models.muse import MaskGitTransformer, MuseConfig
@@ -36,9 +37,9 @@ PROMPT = "a large red circle on the left. the large red circle is left of the sm
 def generator():
     torch.manual_seed(0)
     tokenizer = ByteTokenizer(96)
-    vqgan = VQGAN(vqgan16_config()).eval()
+    vqgan = VQGAN(default_vqgan_config()).eval()
     model = MaskGitTransformer(MuseConfig(
-        num_codes=vqgan.config.num_codes, grid=16, patch=2, local_kernel=3, dim=192, depth=4,
+        num_codes=vqgan.config.num_codes, grid=32, patch=4, local_kernel=3, dim=192, depth=4,
         heads=6, text_vocab=tokenizer.vocab_size, text_length=96, text_dim=192, text_depth=2,
         text_rotary=True)).eval()
     return MuseGenerator(model, vqgan, tokenizer)
@@ -103,14 +104,15 @@ def _bench_cpu(benchmark, record, gen, batch, steps, cfg_scale):
 
 @pytest.fixture(scope="module")
 def painter(generator):
-    """muse_shapes.yaml's painter (with its layout skip path) and layout model (pixel layouts
-    with colours: 2 x 2 cells a token; the layout model 128 wide; rotary text encoders) on
-    the same VQGAN and tokenizer."""
+    """muse_shapes.yaml's painter (its layout skip path over a 5 x 5 window of pixels) and
+    layout model (pixel layouts with colours: a cell a token; the layout model 128 wide;
+    rotary text encoders) on the same VQGAN and tokenizer."""
     torch.manual_seed(1)
-    config = dict(num_codes=generator.vqgan.config.num_codes, grid=16, patch=2,
+    config = dict(num_codes=generator.vqgan.config.num_codes, grid=32, patch=4,
                   local_kernel=3, depth=4, text_depth=2, text_vocab=generator.tokenizer.vocab_size,
-                  text_length=96, layout_detail=2, layout_colour=True, text_rotary=True)
-    model = MaskGitTransformer(MuseConfig(layout="bench", layout_skip=True, dim=192, heads=6,
+                  text_length=96, layout_detail=1, layout_colour=True, text_rotary=True)
+    model = MaskGitTransformer(MuseConfig(layout="bench", layout_skip=True, layout_reach=2,
+                                          layout_shapes=False, dim=192, heads=6,
                                           text_dim=192, **config)).eval()
     layouts = LayoutDrawer(MaskGitTransformer(MuseConfig(layout_model=True, dim=128, heads=4,
                                                          text_dim=128, **config)).eval(),

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from benchmarks._measure import interleaved_medians, mib, peak_extra_bytes, vqgan16_config
+from benchmarks._measure import interleaved_medians, mib, peak_extra_bytes, default_vqgan_config
 from t2i.data.synth import synthesize
 from t2i.training.config import load_config
 from t2i.training.loop import Trainer
@@ -101,22 +101,22 @@ def bench_zero_stages(benchmark, record, scenes, tmp_path, stage):
 
 
 @pytest.fixture(scope="module")
-def vqgan16(tmp_path_factory):
-    """vqgan16_shapes.yaml's VQGAN, randomly initialised and exported: the Muse step's
-    speed does not depend on its weights."""
+def default_vqgan(tmp_path_factory):
+    """The default run's VQGAN (vqgan32_shapes.yaml), randomly initialised and exported: the
+    Muse step's speed does not depend on its weights."""
     from t2i.models import save_pretrained
     from t2i.models.vqgan import VQGAN
 
-    out = str(tmp_path_factory.mktemp("vqgan16"))
-    vqgan = VQGAN(vqgan16_config())
+    out = str(tmp_path_factory.mktemp("default_vqgan"))
+    vqgan = VQGAN(default_vqgan_config())
     save_pretrained(vqgan, os.path.join(out, "export"), family="vqgan", stage="tokenizer")
     return out
 
 
 @pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
-def bench_muse_training(benchmark, record, scenes, vqgan16, tmp_path, stage):
+def bench_muse_training(benchmark, record, scenes, default_vqgan, tmp_path, stage):
     benchmark.group = "training: Muse base (muse_shapes.yaml model, fp32, batch 32, 32 px)"
-    overrides = [f"model.tokenizer={vqgan16}", "model.layout=", f"data.path={scenes}",
+    overrides = [f"model.tokenizer={default_vqgan}", "model.layout=", f"data.path={scenes}",
                  f"run.out={tmp_path / 'run'}", "run.progress=false", "data.workers=0",
                  "data.val_batches=1"]
     ds = {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1,
