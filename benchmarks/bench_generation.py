@@ -24,7 +24,13 @@ import time
 import pytest
 import torch
 
-from benchmarks._measure import interleaved_medians, mib, peak_extra_bytes, sync, default_vqgan_config
+from benchmarks._measure import (
+    default_vqgan_config,
+    interleaved_medians,
+    mib,
+    peak_extra_bytes,
+    sync,
+)
 from t2i.data import ByteTokenizer
 from t2i.generate import LayoutDrawer, MuseGenerator
 from t2i.models.muse import MaskGitTransformer, MuseConfig

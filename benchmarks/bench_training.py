@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from benchmarks._measure import interleaved_medians, mib, peak_extra_bytes, default_vqgan_config
+from benchmarks._measure import default_vqgan_config, interleaved_medians, mib, peak_extra_bytes
 from t2i.data.synth import synthesize
 from t2i.training.config import load_config
 from t2i.training.loop import Trainer

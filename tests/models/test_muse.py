@@ -442,7 +442,7 @@ def test_a_painter_without_layout_shapes_sees_the_footprint_not_the_shape_class(
     other[layout > 0] = 3 + 4 * 2  # shape class 3, the same cells and colour
     moved = torch.roll(layout, 1, dims=2)
     for reach, table in ((0, model.layout_embed), (1, model.layout_out)):
-        def embed(x):
+        def embed(x, reach=reach, table=table):
             return model._embed_bags(model._layout_bags(x, reach), table)
         torch.testing.assert_close(embed(other), embed(layout))
         assert not torch.allclose(embed(moved), embed(layout))
