@@ -57,7 +57,7 @@ class MuseConfig:
     tokenizer: str = "runs/muse_shapes/vqgan"  # VQGAN run whose tokens are modelled
     tokenizer_config: str = "training/configs/vqgan_shapes.yaml"  # trains it when missing
     num_codes: int = 0  # codebook size (0: the tokenizer's)
-    grid: int = 0  # tokens per image side (0: the tokenizer's)
+    grid: int = 0  # tokens per image side (0: the tokenizer's; a layout model's own cells)
     patch: int = 1  # tokens per side merged into one transformer position (2: 16x16 -> 8x8)
     dim: int = 256  # transformer width
     depth: int = 4  # transformer blocks
