@@ -19,6 +19,7 @@ import os
 import sys
 
 import deepspeed
+import torch.distributed as dist
 
 from t2i.models import get_family
 from t2i.training.config import ConfigError, load_config
@@ -93,6 +94,11 @@ def main(argv=None) -> int:
     if trainer.rank == 0:
         print(f"done: {config.run.out} (step {trainer.step}); validation: "
               + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    if dist.is_available() and dist.is_initialized():
+        # every rank done before any tears its process group down: left to interpreter
+        # exit, a rank of a two-process run could abort in its communication threads
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 
