@@ -82,7 +82,7 @@ def _generate(args) -> None:
         out = pipe(**cond, steps=args.steps, cfg_scale=cfg, seed=args.seed + 1000 * i,
                    schedule=args.schedule, temperature=args.temperature,
                    remask_temperature=args.remask_temperature, top_k=args.top_k, critic=critic,
-                   layout_threshold=args.layout_threshold,
+                   layout_threshold=args.layout_threshold, layout_sharpen=args.layout_sharpen,
                    negative_texts=[args.negative] * args.num if args.negative else None)
         rows.append(out.images)
         if args.layouts:  # the drawn layout under the images painted on it
@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--layout-threshold", type=float,
                      help="painters: a drawn layout has objects where the layout model gives "
                           "the background less than this probability (default 0.4)")
+    gen.add_argument("--layout-sharpen", type=float,
+                     help="painters: that probability unsharp-masked by this much first "
+                          "(default 8; 0: not at all)")
     gen.add_argument("--layouts", action="store_true",
                      help="painters: under each prompt's images, the layouts drawn for them")
     gen.add_argument("--out", required=True, help="PNG grid: one row per prompt")

@@ -11,6 +11,7 @@ from t2i import generate
 from t2i.data import ByteTokenizer
 from t2i.data.scenes import COLOUR_NAMES, COLOURS, parse_caption
 from t2i.generate import (
+    LAYOUT_SHARPEN,
     LAYOUT_THRESHOLD,
     PAINTER_DECODING,
     PLAIN_DECODING,
@@ -192,8 +193,8 @@ def test_a_layout_model_learns_each_cells_class_mix_from_the_caption_alone(detai
     torch.testing.assert_close(accuracy, right)
     loss.backward()
     assert model.head.weight.grad.abs().sum() > 0 and model.text.embed.weight.grad is not None
-    drawn = LayoutDrawer(model, TOKENIZER)(texts)  # objects where the background is unlikely
-    unlikely = torch.softmax(logits, -1)[..., 0] < LAYOUT_THRESHOLD
+    drawn = LayoutDrawer(model, TOKENIZER, sharpen=0)(texts)  # objects where the background
+    unlikely = torch.softmax(logits, -1)[..., 0] < LAYOUT_THRESHOLD  # is unlikely
     assert torch.equal(drawn, torch.where(unlikely, logits[..., 1:].argmax(-1) + 1, 0))
     for bad in ({"layout": "runs/x"}, {"critic": True}, {"low_res_codes": 16, "low_res_grid": 2},
                 {"layout_detail": 0}):
@@ -299,7 +300,8 @@ def test_a_layout_model_with_colours_learns_each_object_cells_colour_beside_the_
                                .float().mean())
     loss.backward()
     assert model.head.weight.grad[3:].abs().sum() > 0  # the colour scores learn too
-    drawn = LayoutDrawer(model, TOKENIZER)(texts)  # class + 3 x colour (none on background)
+    drawn = LayoutDrawer(model, TOKENIZER, sharpen=0)(texts)  # class + 3 x colour (none on
+    # the background)
     unlikely = torch.softmax(shapes, -1)[..., 0] < LAYOUT_THRESHOLD
     shape = torch.where(unlikely, shapes[..., 1:].argmax(-1) + 1, 0)
     assert torch.equal(drawn, shape + 3 * torch.where(shape > 0, hues.argmax(-1) + 1, 0))
@@ -351,12 +353,12 @@ def test_a_painter_with_colours_adds_each_cells_class_and_colour_embeddings():
             cls, colour = layout[:, y, x] % 3, layout[:, y, x] // 3
             want[:, (y // 2) * 4 + x // 2] += (table[cell * width + cls] +
                                                table[cell * width + 3 + colour]) / 2
-    features = model._embed_bags(model._layout_bags(layout), model.layout_embed)
+    features = model._embed_layout(layout, model.layout_embed)
     torch.testing.assert_close(features, want, rtol=1e-5, atol=1e-6)
     recoloured = layout.clone()
     recoloured[:, 0, 0] = recoloured[:, 0, 0] % 3 + 3 * ((recoloured[:, 0, 0] // 3 + 1) %
                                                        COLOUR_CLASSES)
-    recoloured = model._embed_bags(model._layout_bags(recoloured), model.layout_embed)
+    recoloured = model._embed_layout(recoloured, model.layout_embed)
     assert not torch.allclose(recoloured[:, 0], want[:, 0])
 
 
@@ -379,7 +381,7 @@ def test_layout_skip_adds_each_tokens_own_cells_to_its_output_features():
             cell = layout[:, y, x]
             want[:, (y // 2) * 4 + x // 2] += (table[row + cell % 3] +
                                                table[row + 3 + cell // 3]) / 2
-    skip = model._embed_bags(model._layout_bags(layout), model.layout_out)
+    skip = model._embed_layout(layout, model.layout_out)
     torch.testing.assert_close(skip, want, rtol=1e-5, atol=1e-5)
     ctx = model.condition(text=ids, text_mask=mask)
     _, hidden = model.transformer(tokens, *ctx, layout=layout)
@@ -417,7 +419,7 @@ def test_layout_reach_adds_the_cells_around_each_token_to_its_output_features():
                     cell = layout[:, yy, xx] if inside else torch.zeros(2, dtype=torch.long)
                     row = (dy * 3 + dx) * width
                     want[:, y * 4 + x] += (table[row + cell % 3] + table[row + 3 + cell // 3]) / 3
-    skip = model._embed_bags(model._layout_bags(layout, 1), model.layout_out)
+    skip = model._embed_layout(layout, model.layout_out, 1)
     torch.testing.assert_close(skip, want, rtol=1e-5, atol=1e-5)
     ids, mask = TOKENIZER(["a red circle on the left", "a small blue ring at the top"])
     ctx = model.condition(text=ids, text_mask=mask)
@@ -433,6 +435,34 @@ def test_layout_reach_adds_the_cells_around_each_token_to_its_output_features():
         _model(layout="runs/layout", layout_skip=True, layout_reach=-1)
 
 
+def test_layout_skip_hidden_adds_an_mlp_of_the_skip_features_that_starts_at_zero():
+    kw = dict(layout="runs/layout", layout_classes=3, layout_colour=True, layout_detail=1,
+              layout_skip=True, layout_reach=1)
+    model = _model(**kw, layout_skip_hidden=24).train()
+    assert model.layout_mlp[0].out_features == 24
+    g = torch.Generator().manual_seed(8)
+    layout = torch.randint(0, 3, (2, 4, 4), generator=g) + \
+        3 * torch.randint(0, COLOUR_CLASSES, (2, 4, 4), generator=g)
+    ids, mask = TOKENIZER(["a red circle on the left", "a small blue ring at the top"])
+    ctx = model.condition(text=ids, text_mask=mask)
+    tokens = torch.randint(0, 16, (2, 16), generator=g)
+    _, hidden = model.transformer(tokens, *ctx, layout=layout)
+    _, linear = _model(**kw).transformer(tokens, *ctx, layout=layout)  # same other weights
+    torch.testing.assert_close(hidden, linear)  # the MLP's output layer starts at zero
+    with torch.no_grad():
+        model.layout_mlp[2].weight.normal_(0, 0.1, generator=g)
+    _, hidden = model.transformer(tokens, *ctx, layout=layout)
+    skip = model._embed_layout(layout, model.layout_out, 1)
+    mlp = model.layout_mlp  # by hand: linear, GELU, linear on each token's skip features
+    want = torch.nn.functional.gelu(skip @ mlp[0].weight.T + mlp[0].bias) @ mlp[2].weight.T
+    torch.testing.assert_close(hidden - linear, want + mlp[2].bias, rtol=1e-4, atol=1e-5)
+    loss, _ = model.loss(tokens, torch.ones_like(tokens, dtype=torch.bool), *ctx, layout=layout)
+    loss.backward()
+    assert mlp[0].weight.grad.abs().sum() > 0 and mlp[2].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="layout_skip_hidden"):
+        _model(**kw, layout_skip_hidden=-1)
+
+
 def test_a_painter_without_layout_shapes_sees_the_footprint_not_the_shape_class():
     model = _model(layout="runs/layout", layout_classes=4, layout_colour=True, layout_detail=2,
                    layout_skip=True, layout_reach=1, layout_shapes=False)
@@ -443,12 +473,12 @@ def test_a_painter_without_layout_shapes_sees_the_footprint_not_the_shape_class(
     moved = torch.roll(layout, 1, dims=2)
     for reach, table in ((0, model.layout_embed), (1, model.layout_out)):
         def embed(x, reach=reach, table=table):
-            return model._embed_bags(model._layout_bags(x, reach), table)
+            return model._embed_layout(x, table, reach)
         torch.testing.assert_close(embed(other), embed(layout))
         assert not torch.allclose(embed(moved), embed(layout))
     shapes = _model(layout="runs/layout", layout_classes=4, layout_colour=True, layout_detail=2)
-    assert not torch.allclose(shapes._embed_bags(shapes._layout_bags(other), shapes.layout_embed),
-                              shapes._embed_bags(shapes._layout_bags(layout), shapes.layout_embed))
+    assert not torch.allclose(shapes._embed_layout(other, shapes.layout_embed),
+                              shapes._embed_layout(layout, shapes.layout_embed))
 
 
 def test_a_painter_generates_on_the_layouts_its_layout_model_draws_once_a_batch(
@@ -512,19 +542,44 @@ def test_drawn_layouts_have_objects_where_the_background_is_below_the_threshold(
     ids, mask = TOKENIZER(texts)
     with torch.no_grad():
         logits = drawer.model.layout_logits(*drawer.model.condition(text=ids, text_mask=mask))
-    assert drawer.threshold == LAYOUT_THRESHOLD
-    assert torch.equal(drawer(texts), pick_layout(logits, 3, LAYOUT_THRESHOLD))
-    everywhere = drawer(texts, threshold=1.0)  # every cell an object's
+    assert (drawer.threshold, drawer.sharpen) == (LAYOUT_THRESHOLD, LAYOUT_SHARPEN)
+    assert torch.equal(drawer(texts), pick_layout(logits, 3, LAYOUT_THRESHOLD, LAYOUT_SHARPEN))
+    everywhere = drawer(texts, threshold=1.0, sharpen=0)  # every cell an object's
     assert (everywhere > 0).all() and torch.equal(everywhere, pick_layout(logits, 3, 1.0))
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="threshold"):
             drawer(texts, threshold=bad)
+    with pytest.raises(ValueError, match="sharpen"):
+        drawer(texts, sharpen=-1)
     gen = MuseGenerator(_model(layout="runs/layout", layout_classes=3), vqgan, TOKENIZER,
                         layouts=drawer)
-    assert torch.equal(gen(texts, steps=2, seed=0, layout_threshold=1.0).layout, everywhere)
+    assert torch.equal(gen(texts, steps=2, seed=0, layout_threshold=1.0,
+                           layout_sharpen=0).layout, everywhere)
     assert torch.equal(gen(texts, steps=2, seed=0).layout, drawer(texts))
-    with pytest.raises(ValueError, match="painter"):
-        MuseGenerator(_model(), vqgan, TOKENIZER)(texts, steps=2, layout_threshold=0.5)
+    for option in ({"layout_threshold": 0.5}, {"layout_sharpen": 1.0}):
+        with pytest.raises(ValueError, match="painter"):
+            MuseGenerator(_model(), vqgan, TOKENIZER)(texts, steps=2, **option)
+
+
+def test_sharpening_restores_the_corners_a_blurred_outline_lost():
+    # a 3 x 3 object whose layout-model probabilities came out rounded: its corners' background
+    # probability 0.45, its other cells 0.1, the cells around it 0.9
+    background = torch.full((1, 5, 5), 0.9)
+    background[0, 1:4, 1:4] = 0.1
+    background[0, 1:4:2, 1:4:2] = 0.45
+    objects = (1 - background)[..., None]
+    scores = torch.cat([background[..., None], objects * 0.7, objects * 0.3], -1).log()
+    block = torch.zeros(1, 5, 5, dtype=torch.long)
+    block[0, 1:4, 1:4] = 1  # the most likely object class
+    rounded = block.clone()
+    rounded[0, 1:4:2, 1:4:2] = 0
+    assert torch.equal(pick_layout(scores, 3, 0.4), rounded)
+    # by hand, the corner (1, 1): blur = (4 x 0.45 + 2 x (0.9 + 0.9 + 0.1 + 0.1) + (0.9 + 0.9 +
+    # 0.9 + 0.1)) / 16 = 0.5375, so 0.45 + 3 x (0.45 - 0.5375) = 0.1875 < 0.4: an object's
+    assert torch.equal(pick_layout(scores, 3, 0.4, sharpen=3.0), block)
+    assert torch.equal(pick_layout(scores, 3, 0.4, sharpen=0.5), rounded)  # 0.406: not yet
+    with pytest.raises(ValueError, match="sharpen"):
+        pick_layout(scores[0], 3, 0.4, sharpen=1.0)  # needs [B, S, S, W] maps
 
 
 def test_shape_word_nll_compares_the_caption_with_its_shape_swapped(monkeypatch):
