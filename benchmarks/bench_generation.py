@@ -110,7 +110,8 @@ def _bench_cpu(benchmark, record, gen, batch, steps, cfg_scale):
 
 @pytest.fixture(scope="module")
 def painter(generator):
-    """muse_shapes.yaml's painter (its layout skip path over a 5 x 5 window of pixels) and
+    """muse_shapes.yaml's painter (its layout skip path over a 5 x 5 window of pixels, then
+    an MLP of hidden width 384) and
     layout model (pixel layouts with colours: a cell a token; the layout model 128 wide;
     rotary text encoders) on the same VQGAN and tokenizer."""
     torch.manual_seed(1)
@@ -118,7 +119,8 @@ def painter(generator):
                   local_kernel=3, depth=4, text_depth=2, text_vocab=generator.tokenizer.vocab_size,
                   text_length=96, layout_detail=1, layout_colour=True, text_rotary=True)
     model = MaskGitTransformer(MuseConfig(layout="bench", layout_skip=True, layout_reach=2,
-                                          layout_shapes=False, dim=192, heads=6,
+                                          layout_skip_hidden=384, layout_shapes=False,
+                                          dim=192, heads=6,
                                           text_dim=192, **config)).eval()
     layouts = LayoutDrawer(MaskGitTransformer(MuseConfig(layout_model=True, dim=128, heads=4,
                                                          text_dim=128, **config)).eval(),
