@@ -336,6 +336,8 @@ class MuseGenerator:
         guided = cfg_scale is not None
         if layout is not None and guided:  # both halves paint on the same layout
             layout = torch.cat([layout, layout])
+        if layout is not None:  # its features once, for every step
+            layout = self._timed(model.layout_features, layout)
         if guided:  # conditional rows first, then the unconditional (null or negative) ones
             if negative is not None:
                 u_ctx, u_mask = self._timed(model.condition, **{**cond, "text": negative[0],

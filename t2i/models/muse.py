@@ -296,10 +296,12 @@ class MaskGitTransformer(nn.Module, Pretrained):
         """tokens long [B, N] (mask id = num_codes) -> (logits [B, N, V] or None,
         hidden [B, N, dim]). `layout` long [B, g*d, g*d] (d = layout_detail): the class of
         each cell of the token grid, with `layout_colour` class + layout_classes x colour
-        (painters)."""
+        (painters), or its `layout_features`."""
+        if layout is not None and not isinstance(layout, tuple):
+            layout = self.layout_features(layout)
         x = self.token_embed(tokens)  # [B, N, dim]
         if layout is not None:
-            x = x + self._embed_layout(layout, self.layout_embed)
+            x = x + layout[0]
         if self_cond is not None and self.config.self_condition:
             x = x + self.self_cond(self_cond)
         p = self.config.patch
@@ -313,12 +315,22 @@ class MaskGitTransformer(nn.Module, Pretrained):
         hidden = self.norm(x)
         if p > 1:
             hidden = self._ungroup(self.split(hidden))  # [B, N, dim]
-        if layout is not None and self.config.layout_skip:
-            skip = self._embed_layout(layout, self.layout_out, self.config.layout_reach)
-            if self.config.layout_skip_hidden:
-                skip = skip + self.layout_mlp(skip)
-            hidden = hidden + skip
+        if layout is not None and layout[1] is not None:
+            hidden = hidden + layout[1]
         return (self.head(hidden) if return_logits else None), hidden
+
+    def layout_features(self, layout: torch.Tensor):
+        """A painter's layout long [B, g*d, g*d] -> (what `transformer` adds to the token
+        embeddings [B, N, dim], what it adds to the output features [B, N, dim] or None
+        without `layout_skip`). They depend on the layout alone: decoding computes them once
+        a generation and passes them to every step's `transformer` as its `layout`."""
+        c = self.config
+        skip = None
+        if c.layout_skip:
+            skip = self._embed_layout(layout, self.layout_out, c.layout_reach)
+            if c.layout_skip_hidden:
+                skip = skip + self.layout_mlp(skip)
+        return self._embed_layout(layout, self.layout_embed), skip
 
     def _embed_layout(self, layout: torch.Tensor, table: nn.Embedding, reach: int = 0
                       ) -> torch.Tensor:

@@ -456,6 +456,8 @@ def test_layout_skip_hidden_adds_an_mlp_of_the_skip_features_that_starts_at_zero
     mlp = model.layout_mlp  # by hand: linear, GELU, linear on each token's skip features
     want = torch.nn.functional.gelu(skip @ mlp[0].weight.T + mlp[0].bias) @ mlp[2].weight.T
     torch.testing.assert_close(hidden - linear, want + mlp[2].bias, rtol=1e-4, atol=1e-5)
+    features = model.layout_features(layout)  # what decoding computes once a generation
+    assert torch.equal(model.transformer(tokens, *ctx, layout=features)[1], hidden)
     loss, _ = model.loss(tokens, torch.ones_like(tokens, dtype=torch.bool), *ctx, layout=layout)
     loss.backward()
     assert mlp[0].weight.grad.abs().sum() > 0 and mlp[2].weight.grad.abs().sum() > 0
@@ -496,8 +498,11 @@ def test_a_painter_generates_on_the_layouts_its_layout_model_draws_once_a_batch(
     assert [d.shape for d in drawn] == [(2, 4, 4), (1, 4, 4)]  # once a batch
     assert 0 <= int(drawn[0].min()) and int(drawn[0].max()) < 3
     assert len(seen) == 2 * 4  # one painter call a step, both halves of guidance in it
-    assert all(torch.equal(s, torch.cat([drawn[0], drawn[0]])) for s in seen[:4])
-    assert all(torch.equal(s, torch.cat([drawn[1], drawn[1]])) for s in seen[4:])
+    # the layout's features, computed once a batch and passed to every step
+    assert all(s is seen[0] for s in seen[:4]) and all(s is seen[4] for s in seen[4:])
+    for s, d in ((seen[0], drawn[0]), (seen[4], drawn[1])):
+        want = model.layout_features(torch.cat([d, d]))
+        assert torch.equal(s[0], want[0]) and s[1] is None and want[1] is None  # no skip
     assert torch.equal(out.layout, torch.cat(drawn))
     again = gen(texts, steps=4, cfg_scale=2.0, seed=0, batch_size=2)
     assert torch.equal(out.tokens, again.tokens)
@@ -517,7 +522,7 @@ def test_a_painter_generates_on_the_layouts_its_layout_model_draws_once_a_batch(
     sr = MuseGenerator(_model(low_res_codes=16, low_res_grid=4), vqgan, TOKENIZER,
                        low=LowRes(vqgan, 16), base=gen)
     assert sr(texts[:1], steps=2, cfg_scale=2.0, seed=0).images.shape == (1, 3, 16, 16)
-    assert [s.shape for s in seen] == [(1, 4, 4)] * 2
+    assert [s[0].shape for s in seen] == [(1, 16, 32)] * 2
     with pytest.raises(ValueError, match="painter"):
         MuseGenerator(model, vqgan, TOKENIZER)  # a painter without its layout model
     with pytest.raises(ValueError, match="painter"):
