@@ -12,7 +12,6 @@ import statistics
 import time
 
 import torch
-import yaml
 
 try:  # glibc: hand freed heap pages back to the OS, so reusing them shows in the RSS again
     _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
@@ -97,13 +96,10 @@ def default_vqgan_config():
     model.tokenizer_config): the generation and training benchmarks time the vocabulary and
     grid the default run models."""
     from t2i.models.vqgan import VQGANConfig
-    from t2i.training.config import from_dict
+    from t2i.training.config import from_dict, load_config
 
     repo = os.path.join(os.path.dirname(__file__), "..")
-    with open(os.path.join(repo, "training", "configs", "muse_shapes.yaml"),
-              encoding="utf-8") as f:
-        path = yaml.safe_load(f)["model"]["tokenizer_config"]
-    with open(os.path.join(repo, path), encoding="utf-8") as f:
-        model = yaml.safe_load(f)["model"]
+    muse = load_config(os.path.join(repo, "training", "configs", "muse_shapes.yaml"))[0]
+    model = load_config(os.path.join(repo, muse.model["tokenizer_config"]))[0].model
     keys = {k: v for k, v in model.items() if k not in ("family", "stage")}
     return from_dict(VQGANConfig, keys, "model")  # checked and typed, as train.py builds it

@@ -869,7 +869,9 @@ def _exported(path: str) -> bool:
 
 
 def _config_grid(path: str) -> int:
-    """The model.grid a training config file sets (0: none, the tokenizer's)."""
+    """The model.grid a training config file sets (0: none, the tokenizer's). Read raw, not
+    through `load_config`: that checks the file's data.path, which a prerequisite's file
+    need not hold (it trains on the painter's data)."""
     import yaml
 
     with open(path, encoding="utf-8") as f:
