@@ -385,6 +385,22 @@ def scene_record(objects: list[SceneObject], bg: dict, relation: dict | None) ->
     }
 
 
+def slot_layout(record: dict, renderer: Renderer) -> tuple[np.ndarray, np.ndarray]:
+    """A scene record's objects drawn at their slots' centres, without the jitter that placed
+    them in the image: -> (seg uint8 [S, S], colour uint8 [S, S]: 0 on the background, else
+    1 + the index in COLOUR_NAMES). Later objects occlude earlier, as in `render`."""
+    s = renderer.size
+    seg, colour = np.zeros((s, s), np.uint8), np.zeros((s, s), np.uint8)
+    for o in record["objects"]:
+        cx, cy = POSITIONS[o["position"]]
+        obj = SceneObject(o["shape"], o["colour"], o["size"], o["position"], cx, cy,
+                          o["radius"])
+        rows, cols, m = renderer.shape_mask(obj)
+        seg[rows, cols][m] = obj.seg_class
+        colour[rows, cols][m] = 1 + COLOUR_NAMES.index(obj.colour)
+    return seg, colour
+
+
 def sample_scene(rng: np.random.Generator, renderer: Renderer, held_out: bool):
     """-> (image uint8 [S,S,3], seg uint8 [S,S], caption str, record dict)."""
     d = Draws(rng)

@@ -24,11 +24,20 @@ import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from t2i.data.scenes import COLOUR_NAMES, COLOURS, SHAPES, permute_colours, swap_shape
+from t2i.data.scenes import (
+    COLOUR_NAMES,
+    COLOURS,
+    SHAPES,
+    Renderer,
+    permute_colours,
+    slot_layout,
+    swap_shape,
+)
 from t2i.models import Pretrained, export_path, load_pretrained, save_pretrained
 from t2i.modules.attention import LearnedPositions, TransformerBlock
 from t2i.training.task import Task, TokenCache
@@ -99,6 +108,9 @@ class MuseConfig:
     # background (and its colour): the footprint draws the shape, no shape id meets a colour
     layout_colour_permute: bool = False  # a layout model with layout_colour, in training:
     # each sample's colour words and layout colours permuted alike (`permute_layout_colours`)
+    layout_centred: bool = False  # a layout model: learns each object drawn at its slot's
+    # centre (`scenes.slot_layout`, from the synthetic scenes' records), not where the
+    # renderer's jitter put it: one sharp layout a caption, not the blur of every placement
     low_res_tokenizer: str = ""  # super-resolution: the low-res stage's VQGAN run ("": base)
     low_res_size: int = 32  # super-resolution: the low-res stage's image side
     low_res_codes: int = 0  # its codebook size (0: from low_res_tokenizer)
@@ -591,6 +603,19 @@ def colour_map(images: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
     return torch.where(seg.to(images.device) > 0, distance.argmin(-1) + 1, 0)
 
 
+def slot_layouts(batch: dict, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's objects at their slots' centres (`scenes.slot_layout`) -> (seg, colour
+    classes), long [B, size, size] each. Needs the synthetic scenes' records."""
+    records = batch.get("record") or []
+    if len(records) != len(batch["caption"]) or not all(r and "objects" in r for r in records):
+        raise ValueError("model.layout_centred draws each object at its slot's centre from "
+                         "the synthetic scenes' records (the json member of each sample); "
+                         "this batch lacks them: set model.layout_centred=false")
+    renderer = Renderer(size)
+    pairs = [slot_layout(r, renderer) for r in records]
+    return tuple(torch.from_numpy(np.stack(maps)).long() for maps in zip(*pairs, strict=True))
+
+
 def object_coverage(seg: torch.Tensor | None, grid: int) -> torch.Tensor:
     """Segmentation maps long [B, H, W] (0: background, -1: no map) -> float [B, grid^2]:
     the fraction of each token's image patch that shows an object."""
@@ -744,10 +769,14 @@ class MuseTask(Task):
                              "maps of every image (seg.png in the shards); this data set has "
                              "none")
         side = c.grid * c.layout_detail
-        mix = class_mix(batch["seg"], side, c.layout_classes)
+        if c.layout_model and c.layout_centred:
+            seg, colours = slot_layouts(batch, batch["seg"].shape[-1])
+        else:
+            seg = batch["seg"]
+            colours = colour_map(batch["image"], seg) if c.layout_colour else None
+        mix = class_mix(seg, side, c.layout_classes)
         if c.layout_colour:
-            colours = colour_map(batch["image"], batch["seg"]).to(mix.device)
-            mix = torch.cat([mix, class_mix(colours, side, COLOUR_CLASSES)], -1)
+            mix = torch.cat([mix, class_mix(colours.to(mix.device), side, COLOUR_CLASSES)], -1)
         mix = mix.view(len(mix), side, side, -1).to(batch["image"].device)
         return mix, pick_layout(mix, c.layout_classes)
 

@@ -195,3 +195,23 @@ def test_cli_writes_shards_and_rejects_bad_arguments(tmp_path, capsys):
     assert "--num must be at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["data", "synth", "--out", str(tmp_path), "--size", "48"])
+
+
+def test_slot_layout_draws_each_object_at_its_slot_centre_as_the_renderer_would():
+    renderer = scenes.Renderer(32)
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        image, seg, _, record = scenes.sample_scene(rng, renderer, held_out=False)
+        centred = [scenes.SceneObject(o["shape"], o["colour"], o["size"], o["position"],
+                                      *scenes.POSITIONS[o["position"]], o["radius"])
+                   for o in record["objects"]]
+        want_image, want_seg = renderer.render(centred, record["background"])
+        got_seg, got_colour = scenes.slot_layout(record, renderer)
+        np.testing.assert_array_equal(got_seg, want_seg)
+        # the colour of each object pixel: the index of its object's colour, 0 elsewhere
+        rgb = np.array(list(scenes.COLOURS.values()))
+        want_colour = np.where(want_seg > 0, 1 + np.abs(
+            want_image[..., None, :].astype(int) - rgb).sum(-1).argmin(-1), 0)
+        np.testing.assert_array_equal(got_colour, want_colour)
+    moved = {**record, "objects": [{**o, "x": o["x"] + 0.1} for o in record["objects"]]}
+    np.testing.assert_array_equal(scenes.slot_layout(moved, renderer)[0], got_seg)

@@ -4,6 +4,7 @@ backward, generation, guidance, schedules, seeds, kernel paths, bad input."""
 import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -275,6 +276,34 @@ def test_true_layouts_with_colours_hold_each_cells_class_and_its_objects_colour(
     mix, layout = MuseTask._layout(None, {"seg": seg, "image": image}, config)
     assert torch.equal(layout, torch.tensor([[[2 + 3 * (1 + names.index("cyan")), 0], [0, 0]]]))
     torch.testing.assert_close(mix[0, 1, 1, 3 + 1 + names.index("orange")], torch.tensor(0.25))
+
+
+def test_centred_layouts_come_from_the_records_and_only_for_layout_models():
+    from t2i.data import scenes
+
+    renderer = scenes.Renderer(32)
+    rng = np.random.default_rng(0)
+    samples = [scenes.sample_scene(rng, renderer, held_out=False) for _ in range(3)]
+    batch = {"image": torch.stack([torch.from_numpy(s[0]).permute(2, 0, 1) / 127.5 - 1
+                                   for s in samples]),
+             "seg": torch.stack([torch.from_numpy(s[1]).long() for s in samples]),
+             "caption": [s[2] for s in samples], "record": [s[3] for s in samples]}
+    config = MuseConfig(grid=16, layout_detail=2, layout_colour=True, layout_model=True,
+                        layout_centred=True)
+    mix, layout = MuseTask._layout(None, batch, config)
+    seg, colour = zip(*(scenes.slot_layout(s[3], renderer) for s in samples), strict=True)
+    k = config.layout_classes
+    want = torch.from_numpy(np.stack(seg)).long()
+    want = want + k * torch.from_numpy(np.stack(colour)).long()
+    assert torch.equal(layout, want)
+    true = MuseTask._layout(None, batch, MuseConfig(grid=16, layout_detail=2,
+                                                    layout_colour=True))[1]
+    assert not torch.equal(layout, true)  # the renderer's jitter moved some object
+    config.layout_model = False  # a painter paints what the images show: the true layouts
+    assert torch.equal(MuseTask._layout(None, batch, config)[1], true)
+    config.layout_model = True
+    with pytest.raises(ValueError, match="layout_centred"):
+        MuseTask._layout(None, {**batch, "record": [None] * 3}, config)
 
 
 def test_a_layout_model_with_colours_learns_each_object_cells_colour_beside_the_classes():
