@@ -72,6 +72,26 @@ def lr_factor(step: int, steps: int, warmup: int, schedule: str, min_ratio: floa
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU does bf16 dot products natively (avx512_bf16 or amx_bf16 among
+    its flags; False where /proc/cpuinfo is missing): bf16 matrix products are then ~2x
+    faster than fp32 ones, and without them slower."""
+    try:
+        with open(cpuinfo, encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """run.autocast -> the dtype forward passes run in under torch.autocast (None: off)."""
+    if mode == "bf16" or (mode == "auto" and device.type == "cpu" and cpu_has_bf16()):
+        return torch.bfloat16
+    return None
+
+
 def full_state(engine) -> dict[str, torch.Tensor]:
     """The engine's module state, gathered whole under ZeRO-3, as fp32 CPU copies.
     Collective under ZeRO-3 (every rank must call it)."""
@@ -147,6 +167,7 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
                                    if torch.cuda.is_available() else "cpu")
+        self.autocast = autocast_dtype(run.autocast, self.device)
         if self.rank == 0 and not os.path.exists(data.path):
             ensure_synth(data.path, data.synth_if_missing, size=data.image_size,
                          held_out_train=data.synth_held_out)
@@ -266,7 +287,14 @@ class Trainer:
     def _micro_step(self, batch: dict) -> dict[str, float] | None:
         """Train on one micro-batch; None when a loss was not finite (skipped)."""
         logs = {}
-        for name, loss, loss_logs in self.task.losses(self.engines, batch, self.step):
+        losses = self.task.losses(self.engines, batch, self.step)
+        while True:
+            with torch.autocast(self.device.type, self.autocast or torch.bfloat16,
+                                enabled=self.autocast is not None):  # the forward only
+                item = next(losses, None)
+            if item is None:
+                break
+            name, loss, loss_logs = item
             if self._any(not bool(torch.isfinite(loss.detach()).all())):
                 return None
             engine = self.engines[name]

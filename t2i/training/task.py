@@ -34,14 +34,20 @@ def frozen(module: nn.Module):
 class TokenCache:
     """A frozen tokenizer's token maps, kept per sample key: a training run encodes each
     image once, not once per epoch (the images are decoded and centre-cropped the same way
-    every time). `encode`: images [B, ...] -> long [B, N]. Holds at most `limit` maps, as
-    int16 on the CPU when the codes fit (256 tokens: 512 bytes a sample)."""
+    every time). `encode`: images [B, ...] -> long [B, N], run in full precision also
+    under run.autocast (a nearest code must not move with the precision). Holds at most
+    `limit` maps, as int16 on the CPU when the codes fit (256 tokens: 512 bytes a
+    sample)."""
 
     def __init__(self, encode, limit: int = 200_000):
         self.encode, self.limit = encode, limit
         self.store: dict[str, torch.Tensor] = {}
 
     def __call__(self, images: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor:
+        with torch.autocast(images.device.type, enabled=False):
+            return self._cached(images, keys)
+
+    def _cached(self, images: torch.Tensor, keys: list[str] | None) -> torch.Tensor:
         if keys is None or self.limit <= 0:
             return self.encode(images)
         maps = [self.store.get(k) for k in keys]

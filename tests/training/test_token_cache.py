@@ -35,3 +35,21 @@ def test_no_keys_or_a_full_cache_encode_every_time():
     cache(images, ["a", "b", "c", "d"])
     cache(images, ["a", "b", "c", "d"])
     assert calls == [4, 4, 4, 2] and len(cache.store) == 2
+
+
+def test_encoding_runs_in_full_precision_under_autocast():
+    seen = []
+
+    def encode(images):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        weight = torch.randn(images[0].numel(), 4, generator=torch.Generator().manual_seed(0))
+        out = images.flatten(1) @ weight
+        seen.append(out.dtype)
+        return out.argmax(-1, keepdim=True)
+
+    cache = TokenCache(encode)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16  # autocast is on
+        cache(torch.rand(3, 3, 2, 2), ["a", "b", "c"])
+        cache(torch.rand(3, 3, 2, 2))
+    assert seen == [False, torch.float32] * 2

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from t2i.training import checkpoint
 from t2i.training.config import ConfigError
-from t2i.training.loop import Trainer
+from t2i.training.loop import Trainer, autocast_dtype, cpu_has_bf16
 from tests.training.conftest import REPO, clean_env, tiny_config, tiny_overrides, train_command
 
 FAMILIES = ["vqgan", "dvae", "vqseg", "probe"]
@@ -139,6 +139,49 @@ def _poison(trainer, bad_steps: set[int]):
             yield name, loss, logs
 
     trainer.task.losses = poisoned
+
+
+def test_cpu_bf16_is_read_from_the_cpu_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n")
+    assert cpu_has_bf16(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    assert not cpu_has_bf16(str(info))
+    info.write_text("flags\t\t: fpu amx_tile amx_bf16\n")
+    assert cpu_has_bf16(str(info))
+    assert not cpu_has_bf16(str(tmp_path / "missing"))
+    cpu = torch.device("cpu")
+    assert autocast_dtype("off", cpu) is None and autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert autocast_dtype("auto", cpu) is (torch.bfloat16 if cpu_has_bf16() else None)
+    assert autocast_dtype("auto", torch.device("cuda")) is None  # GPUs: DeepSpeed's bf16
+
+
+def test_run_autocast_runs_the_forward_in_bf16_and_the_step_in_fp32(synth_dir, ds_config,
+                                                                   tmp_path):
+    out = str(tmp_path / "run")
+    trainer = Trainer(tiny_config("dvae", synth_dir, out, steps=2, autocast="bf16"),
+                      ds_config(2))
+    losses, seen = trainer.task.losses, []
+
+    def watched(engines, batch, step):
+        for name, loss, logs in losses(engines, batch, step):
+            seen.append((torch.is_autocast_enabled("cpu"), loss.dtype))
+            yield name, loss, logs
+
+    engine = trainer.engines["model"]
+    backward = engine.backward
+
+    def watched_backward(loss):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return backward(loss)
+
+    trainer.task.losses, engine.backward = watched, watched_backward
+    trainer.train()
+    assert seen == [(True, torch.float32), False] * 2  # the backward outside autocast
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all()
+               for v in _weights(out).values())
+    with pytest.raises(ConfigError, match="run.autocast"):
+        tiny_config("dvae", synth_dir, out, autocast="fp8")
 
 
 def test_a_non_finite_loss_skips_the_micro_batch(synth_dir, ds_config, tmp_path):
