@@ -178,6 +178,9 @@ class MaskGitTransformer(nn.Module, Pretrained):
         if c.layout_colour_permute and not (c.layout_model and c.condition == "text"):
             raise ValueError("model.layout_colour_permute: only for a layout model "
                              "conditioned on text")
+        if c.layout_centred and not c.layout_model:
+            raise ValueError("model.layout_centred: only for a layout model (stage 'layout'); "
+                             "a painter paints on the true layouts")
         if c.layout_reach < 0:
             raise ValueError(f"model.layout_reach must be >= 0, got {c.layout_reach}")
         if c.layout_skip_hidden < 0:

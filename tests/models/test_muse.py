@@ -304,6 +304,8 @@ def test_centred_layouts_come_from_the_records_and_only_for_layout_models():
     config.layout_model = True
     with pytest.raises(ValueError, match="layout_centred"):
         MuseTask._layout(None, {**batch, "record": [None] * 3}, config)
+    with pytest.raises(ValueError, match="layout_centred: only for a layout model"):
+        _model(layout="runs/layout", layout_centred=True)
 
 
 def test_a_layout_model_with_colours_learns_each_object_cells_colour_beside_the_classes():
