@@ -57,7 +57,7 @@ class RunConfig:
     progress: bool = True  # tqdm progress bar on rank 0
     autocast: str = "off"  # "bf16": forward passes under torch.autocast in bfloat16 (matrix
     # products and convolutions; weights, optimiser and losses stay fp32); "auto": bf16 on a
-    # CPU with native bf16 dot products (avx512_bf16 / amx_bf16: ~1.4x a painter step),
+    # CPU with native bf16 dot products (avx512_bf16 / amx_bf16: a painter step ~1.2x),
     # else off (a GPU: use DeepSpeed's bf16 config, ds_zero2_bf16.json)
 
 
