@@ -111,7 +111,8 @@ def _bench_cpu(benchmark, record, gen, batch, steps, cfg_scale):
 @pytest.fixture(scope="module")
 def painter(generator):
     """muse_shapes.yaml's painter (its layout skip path over a 5 x 5 window of pixels, then
-    an MLP of hidden width 384) and
+    an MLP of hidden width 384, as when results/generation-painter-cpu.json was recorded;
+    the config's is 768 since, computed once a generation as well) and
     layout model (pixel layouts with colours: a cell a token; the layout model 128 wide;
     rotary text encoders) on the same VQGAN and tokenizer."""
     torch.manual_seed(1)

@@ -338,14 +338,18 @@ class MaskGitTransformer(nn.Module, Pretrained):
         """A painter's layout long [B, g*d, g*d] -> (what `transformer` adds to the token
         embeddings [B, N, dim], what it adds to the output features [B, N, dim] or None
         without `layout_skip`). They depend on the layout alone: decoding computes them once
-        a generation and passes them to every step's `transformer` as its `layout`."""
+        a generation and passes them to every step's `transformer` as its `layout`. One
+        one-hot layout serves both paths (the input path reads its unpadded middle)."""
         c = self.config
+        reach = c.layout_reach if c.layout_skip else 0
+        cells = self._layout_cells(layout, reach)
+        side = cells.shape[-1] - reach
         skip = None
         if c.layout_skip:
-            skip = self._embed_layout(layout, self.layout_out, c.layout_reach)
+            skip = self._embed_cells(cells, self.layout_out, reach)
             if c.layout_skip_hidden:
                 skip = skip + self.layout_mlp(skip)
-        return self._embed_layout(layout, self.layout_embed), skip
+        return self._embed_cells(cells[..., reach:side, reach:side], self.layout_embed), skip
 
     def _embed_layout(self, layout: torch.Tensor, table: nn.Embedding, reach: int = 0
                       ) -> torch.Tensor:
@@ -357,8 +361,13 @@ class MaskGitTransformer(nn.Module, Pretrained):
         then sum to the token embedding's scale): a convolution over the one-hot layout,
         stride d, ~3x faster on the CPU than the embedding-bag of the same rows it replaced,
         backward included."""
+        return self._embed_cells(self._layout_cells(layout, reach), table, reach)
+
+    def _layout_cells(self, layout: torch.Tensor, reach: int) -> torch.Tensor:
+        """Layout map long [B, g*d, g*d] -> its one-hot cells [B, W, side + 2r, side + 2r]
+        (class rows, then colour rows; `reach` cells of background, no colour, around it)."""
         c = self.config
-        k, d, side = c.layout_classes, c.layout_detail, c.grid * c.layout_detail
+        k, side = c.layout_classes, c.grid * c.layout_detail
         if layout.shape[1:] != (side, side):
             raise ValueError(f"layout: expected maps of {side}x{side} cells, got "
                              f"{tuple(layout.shape[1:])}")
@@ -369,10 +378,15 @@ class MaskGitTransformer(nn.Module, Pretrained):
         cells = F.one_hot(cls, k)
         if c.layout_colour:  # a cell's class rows, then its colour's (after the classes')
             cells = torch.cat([cells, F.one_hot(layout // k, COLOUR_CLASSES)], -1)
-        w = d + 2 * reach  # window side in cells
-        kernel = table.weight.view(w, w, cells.shape[-1], -1).permute(3, 2, 0, 1)
-        cells = cells.permute(0, 3, 1, 2).to(kernel.dtype)  # [B, W, side + 2r, side + 2r]
-        x = F.conv2d(cells, kernel, stride=d)  # [B, dim, g, g]
+        return cells.permute(0, 3, 1, 2)
+
+    def _embed_cells(self, cells: torch.Tensor, table: nn.Embedding, reach: int = 0
+                     ) -> torch.Tensor:
+        """One-hot cells (`_layout_cells`, padded by `reach`) -> [B, N, dim] through
+        `table` (`_embed_layout`)."""
+        w = self.config.layout_detail + 2 * reach  # window side in cells
+        kernel = table.weight.view(w, w, cells.shape[1], -1).permute(3, 2, 0, 1)
+        x = F.conv2d(cells.to(kernel.dtype), kernel, stride=self.config.layout_detail)
         return x.flatten(2).transpose(1, 2) / w
 
     def _group(self, x: torch.Tensor) -> torch.Tensor:
