@@ -348,8 +348,26 @@ class MaskGitTransformer(nn.Module, Pretrained):
         if c.layout_skip:
             skip = self._embed_cells(cells, self.layout_out, reach)
             if c.layout_skip_hidden:
-                skip = skip + self.layout_mlp(skip)
+                skip = skip + self._skip_mlp(skip, layout)
         return self._embed_cells(cells[..., reach:side, reach:side], self.layout_embed), skip
+
+    def _skip_mlp(self, skip: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+        """`layout_mlp` over the skip features [B, N, dim], run only on the tokens whose
+        window holds a cell other than plain background (class and colour 0) and on one
+        plain token: every plain window has the same features, so the same output, which
+        the others share. On the synthetic scenes ~24% of the 5 x 5 windows touch an object,
+        and the MLP was ~30% of a painter's training step."""
+        c = self.config
+        w = c.layout_detail + 2 * c.layout_reach
+        busy = F.max_pool2d((layout != 0).float()[:, None], w, stride=c.layout_detail,
+                            padding=c.layout_reach).flatten() > 0
+        flat = skip.reshape(-1, skip.shape[-1])
+        plain = (~busy).nonzero()[:, 0]
+        if len(plain) == 0:
+            return self.layout_mlp(skip)
+        rows = busy.nonzero()[:, 0]
+        out = self.layout_mlp(flat[torch.cat([rows, plain[:1]])])
+        return out[-1:].expand(len(flat), -1).index_copy(0, rows, out[:-1]).view(skip.shape)
 
     def _embed_layout(self, layout: torch.Tensor, table: nn.Embedding, reach: int = 0
                       ) -> torch.Tensor:

@@ -182,6 +182,25 @@ def test_torch_path_prefix_rectangles(lq, lk, prefix):
                   _run(masked_attention_reference, q, k, v, grad, **kw), torch.float32)
 
 
+@pytest.mark.parametrize("lk, fp32", [(64, True), (600, False)])
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
+def test_torch_path_attends_short_bf16_sequences_in_fp32(lk, fp32, autocast):
+    """bf16 on the CPU with fewer than _CPU_BF16_MIN_KEYS keys: the fp32 result, rounded
+    to bf16 (even under autocast, which would turn SDPA back to bf16); longer: bf16 itself."""
+    q, k, v = _qkv(2, 2, 48, lk, 32, torch.bfloat16)
+    kw = _masks("padding", 2, 2, 48, lk)
+    grad = torch.randn(2, 2, 48, 32).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got = _run(masked_attention_torch, q, k, v, grad, **kw)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    want = _run(masked_attention_torch, q32, k32, v32, grad.float(), **kw)
+    assert got[0].dtype == torch.bfloat16
+    same = all(torch.equal(a, b.to(torch.bfloat16)) for a, b in zip(got, want))
+    assert same == fp32
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.float(), b, rtol=3e-2, atol=3e-2)
+
+
 def test_torch_path_with_dropout_is_seeded_and_keeps_the_expectation():
     q, k, v = _qkv(1, 2, 64, 64, 16)
     torch.manual_seed(0)

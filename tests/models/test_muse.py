@@ -45,9 +45,9 @@ TOKENIZER = ByteTokenizer(48)
 
 def _model(**kw) -> MaskGitTransformer:
     torch.manual_seed(0)
-    config = MuseConfig(num_codes=16, grid=4, dim=32, depth=2, heads=4,
-                        text_vocab=TOKENIZER.vocab_size, text_length=48, text_dim=32,
-                        text_depth=1, **kw)
+    config = MuseConfig(**{**dict(num_codes=16, grid=4, dim=32, depth=2, heads=4,
+                                  text_vocab=TOKENIZER.vocab_size, text_length=48, text_dim=32,
+                                  text_depth=1), **kw})
     return MaskGitTransformer(config).eval()
 
 
@@ -494,6 +494,41 @@ def test_layout_skip_hidden_adds_an_mlp_of_the_skip_features_that_starts_at_zero
     assert mlp[0].weight.grad.abs().sum() > 0 and mlp[2].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="layout_skip_hidden"):
         _model(**kw, layout_skip_hidden=-1)
+
+
+def test_the_skip_mlp_runs_on_windows_that_touch_an_object_and_one_plain_window():
+    kw = dict(layout="runs/layout", layout_classes=3, layout_colour=True, layout_detail=1,
+              layout_skip=True, layout_reach=1, layout_skip_hidden=24)
+    model = _model(**kw, grid=6).train()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        model.layout_mlp[2].weight.normal_(0, 0.1, generator=g)
+    layout = torch.zeros(2, 6, 6, dtype=torch.long)
+    layout[0, 1, 1] = 1 + 3 * 2  # a class-1 cell of colour 2: windows (0..2, 0..2) busy
+    layout[1, 4, 5] = 3 * 1  # background class with a colour is no plain cell either
+    rows = []
+    hook = model.layout_mlp[0].register_forward_hook(
+        lambda m, i, o: rows.append(i[0].shape[:-1].numel()))
+    weights = torch.randn(2, 36, 32, generator=g)
+
+    def grads(mlp):  # the output and the gradients of the table and of the MLP
+        model.zero_grad()
+        out = mlp(model._embed_layout(layout, model.layout_out, 1))
+        (out * weights).sum().backward()
+        return out, [p.grad.clone() for p in [model.layout_out.weight,
+                                              *model.layout_mlp.parameters()]]
+
+    got, got_grads = grads(lambda skip: model._skip_mlp(skip, layout))
+    assert rows == [9 + 6 + 1]  # 3 x 3 windows, 2 x 3 at the edge, one plain
+    want, want_grads = grads(model.layout_mlp)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    skip = model._embed_layout(layout, model.layout_out, 1)
+    busy = torch.ones(2, 6, 6, dtype=torch.long)  # no plain window: every row, once
+    model._skip_mlp(skip, busy)
+    hook.remove()
+    assert rows[-1] == 2 * 36
 
 
 def test_a_painter_without_layout_shapes_sees_the_footprint_not_the_shape_class():
