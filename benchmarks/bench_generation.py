@@ -110,17 +110,16 @@ def _bench_cpu(benchmark, record, gen, batch, steps, cfg_scale):
 
 @pytest.fixture(scope="module")
 def painter(generator):
-    """muse_shapes.yaml's painter (its layout skip path over a 5 x 5 window of pixels, then
-    an MLP of hidden width 384, as when results/generation-painter-cpu.json was recorded;
-    the config's is 768 since, computed once a generation as well) and
-    layout model (pixel layouts with colours: a cell a token; the layout model 128 wide;
+    """muse_shapes.yaml's painter (each pixel's shape class and colour; its layout skip path
+    over a 5 x 5 window of pixels, then an MLP of hidden width 768, computed once a
+    generation) and layout model (pixel layouts with colours: a cell a token; the layout model 128 wide;
     rotary text encoders) on the same VQGAN and tokenizer."""
     torch.manual_seed(1)
     config = dict(num_codes=generator.vqgan.config.num_codes, grid=32, patch=4,
                   local_kernel=3, depth=4, text_depth=2, text_vocab=generator.tokenizer.vocab_size,
                   text_length=96, layout_detail=1, layout_colour=True, text_rotary=True)
     model = MaskGitTransformer(MuseConfig(layout="bench", layout_skip=True, layout_reach=2,
-                                          layout_skip_hidden=384, layout_shapes=False,
+                                          layout_skip_hidden=768, layout_shapes=True,
                                           dim=192, heads=6,
                                           text_dim=192, **config)).eval()
     layouts = LayoutDrawer(MaskGitTransformer(MuseConfig(layout_model=True, dim=128, heads=4,
