@@ -112,8 +112,8 @@ def _bench_cpu(benchmark, record, gen, batch, steps, cfg_scale):
 def painter(generator):
     """muse_shapes.yaml's painter (each pixel's shape class and colour; its layout skip path
     over a 5 x 5 window of pixels, then an MLP of hidden width 768, computed once a
-    generation) and layout model (pixel layouts with colours: a cell a token; the layout model 128 wide;
-    rotary text encoders) on the same VQGAN and tokenizer."""
+    generation) and layout model (pixel layouts with colours: a cell a token; the layout
+    model 128 wide; rotary text encoders) on the same VQGAN and tokenizer."""
     torch.manual_seed(1)
     config = dict(num_codes=generator.vqgan.config.num_codes, grid=32, patch=4,
                   local_kernel=3, depth=4, text_depth=2, text_vocab=generator.tokenizer.vocab_size,

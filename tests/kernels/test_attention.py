@@ -195,9 +195,9 @@ def test_torch_path_attends_short_bf16_sequences_in_fp32(lk, fp32, autocast):
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     want = _run(masked_attention_torch, q32, k32, v32, grad.float(), **kw)
     assert got[0].dtype == torch.bfloat16
-    same = all(torch.equal(a, b.to(torch.bfloat16)) for a, b in zip(got, want))
+    same = all(torch.equal(a, b.to(torch.bfloat16)) for a, b in zip(got, want, strict=True))
     assert same == fp32
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a.float(), b, rtol=3e-2, atol=3e-2)
 
 

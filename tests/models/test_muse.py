@@ -522,7 +522,7 @@ def test_the_skip_mlp_runs_on_windows_that_touch_an_object_and_one_plain_window(
     assert rows == [9 + 6 + 1]  # 3 x 3 windows, 2 x 3 at the edge, one plain
     want, want_grads = grads(model.layout_mlp)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    for a, b in zip(got_grads, want_grads):
+    for a, b in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     skip = model._embed_layout(layout, model.layout_out, 1)
     busy = torch.ones(2, 6, 6, dtype=torch.long)  # no plain window: every row, once
