@@ -23,14 +23,14 @@ from t2i.images import to_pil
 from t2i.models.muse import SCHEDULES, mask_ratio, pick_layout
 from t2i_kernels import lowest_k_mask, sample_logits
 
-# decoding defaults. A painter's cooler sampling trades diversity for faithfulness (default
-# run, three seeds: single-object colour 93.0% -> 98.7%, every attribute 51.5% -> 63.7%;
-# recall 0.86 -> 0.76, FD-probe 234 -> 291): README "Painting what the layout says". On
-# the surer cells' layouts, re-masking by confidence alone (no Gumbel noise) paints more of
-# them right (seeds 0-2: single-object shape 63.8% -> 68.7%, two-object whole 39.1% ->
+# decoding defaults. A painter samples at temperature 1: since it reads shape ids, the
+# cooler 0.5 of "Painting what the layout says" left stray objects (default run, seeds 0-2:
+# single-object whole 90.4% -> 92.8%, two-object whole 89.2% -> 90.7%): README "Shape ids".
+# On the surer cells' layouts, re-masking by confidence alone (no Gumbel noise) paints more
+# of them right (seeds 0-2: single-object shape 63.8% -> 68.7%, two-object whole 39.1% ->
 # 42.0%; recall 0.81 -> 0.79): README "The surer cells".
 PLAIN_DECODING = {"temperature": 1.0, "remask_temperature": 4.5}
-PAINTER_DECODING = {"temperature": 0.5, "remask_temperature": 0.0}
+PAINTER_DECODING = {"temperature": 1.0, "remask_temperature": 0.0}
 # a drawn layout's objects: the cells where the layout model gives the background less than
 # this probability. Each cell's most likely class (about 0.5) rounds the corners that the
 # ~1 px a caption's placement varies makes uncertain; the surer cells keep the outline
