@@ -31,6 +31,13 @@ def scenes(tmp_path_factory):
     return str(out)
 
 
+def _ds(stage: int) -> dict:
+    """The DeepSpeed config of every row: batch 32, one micro-batch a step, ZeRO `stage`."""
+    return {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1,
+            "gradient_clipping": 1.0, "zero_optimization": {"stage": stage},
+            "steps_per_print": 10 ** 9}
+
+
 def _trainer(family: str, size: str, stage: int, scenes: str, out: str,
              gan: bool = True) -> Trainer:
     overrides = [*SIZES[size], f"data.path={scenes}", f"run.out={out}", "run.progress=false",
@@ -39,10 +46,7 @@ def _trainer(family: str, size: str, stage: int, scenes: str, out: str,
         overrides += ["model.disc_start=0"] if gan else ["model.disc_weight=0",
                                                          "model.perceptual=none"]
     config, _ = load_config(os.path.join(CONFIGS, f"{family}_shapes.yaml"), overrides)
-    ds = {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1,
-          "gradient_clipping": 1.0, "zero_optimization": {"stage": stage},
-          "steps_per_print": 10 ** 9}
-    return Trainer(config, ds, resume=False)
+    return Trainer(config, _ds(stage), resume=False)
 
 
 def _plain_step(trainer: Trainer):
@@ -55,8 +59,7 @@ def _plain_step(trainer: Trainer):
         losses = {}
         items = trainer.task.losses(modules, batch, trainer.step)
         while True:
-            with torch.autocast(trainer.device.type, trainer.autocast or torch.bfloat16,
-                                enabled=trainer.autocast is not None):  # as the Trainer does
+            with trainer.forward_autocast():  # as the Trainer does
                 item = next(items, None)
             if item is None:
                 break
@@ -128,8 +131,7 @@ def default_layout(scenes, default_vqgan, tmp_path_factory):
     config, _ = load_config(os.path.join(CONFIGS, "muse_layout_shapes.yaml"), [
         f"model.tokenizer={default_vqgan}", f"data.path={scenes}", f"run.out={out}",
         "run.steps=1", "run.progress=false", "data.workers=0", "data.val_batches=1"])
-    Trainer(config, {"train_micro_batch_size_per_gpu": BATCH, "zero_optimization":
-                     {"stage": 2}, "steps_per_print": 10 ** 9}, resume=False).train()
+    Trainer(config, _ds(2), resume=False).train()
     return out
 
 
@@ -141,18 +143,14 @@ def bench_muse_training(benchmark, record, scenes, default_vqgan, default_layout
     overrides = [f"model.tokenizer={default_vqgan}", f"model.layout={default_layout}",
                  f"data.path={scenes}", f"run.out={tmp_path / 'run'}", "run.progress=false",
                  "data.workers=0", "data.val_batches=1"]
-    ds = {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1,
-          "gradient_clipping": 1.0, "zero_optimization": {"stage": stage},
-          "steps_per_print": 10 ** 9}
 
-    def make(out):
+    def make(out, zero):
         config, _ = load_config(os.path.join(CONFIGS, "muse_shapes.yaml"),
                                 overrides + [f"run.out={out}"])
-        return Trainer(config, ds, resume=False)
+        return Trainer(config, _ds(zero), resume=False)
 
-    trainer, plain = make(str(tmp_path / "run")), make(str(tmp_path / "plain"))
-    if stage == 3:  # the plain loop needs whole modules: take them from a ZeRO-2 trainer
-        ds["zero_optimization"] = {"stage": 2}
-        plain = make(str(tmp_path / "plain2"))
+    trainer = make(str(tmp_path / "run"), stage)
+    # the plain loop needs whole modules: under ZeRO-3 take them from a ZeRO-2 trainer
+    plain = make(str(tmp_path / "plain"), min(stage, 2))
     params = sum(p.numel() for p in plain.task.model.parameters())  # whole, not partitioned
     record(params_M=round(params / 1e6, 2), **_measure(benchmark, trainer, plain))

@@ -361,12 +361,12 @@ class MaskGitTransformer(nn.Module, Pretrained):
         w = c.layout_detail + 2 * c.layout_reach
         busy = F.max_pool2d((layout != 0).float()[:, None], w, stride=c.layout_detail,
                             padding=c.layout_reach).flatten() > 0
-        flat = skip.reshape(-1, skip.shape[-1])
-        plain = (~busy).nonzero()[:, 0]
-        if len(plain) == 0:
-            return self.layout_mlp(skip)
         rows = busy.nonzero()[:, 0]
-        out = self.layout_mlp(flat[torch.cat([rows, plain[:1]])])
+        if len(rows) == len(busy):  # no plain window
+            return self.layout_mlp(skip)
+        plain = (~busy).int().argmax().view(1)  # the first plain window
+        flat = skip.reshape(len(busy), -1)
+        out = self.layout_mlp(flat[torch.cat([rows, plain])])
         return out[-1:].expand(len(flat), -1).index_copy(0, rows, out[:-1]).view(skip.shape)
 
     def _embed_layout(self, layout: torch.Tensor, table: nn.Embedding, reach: int = 0

@@ -284,13 +284,18 @@ class Trainer:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def forward_autocast(self):
+        """The context a task's forward pass runs in: torch.autocast at `run.autocast`'s
+        dtype, or a disabled one when that is off."""
+        return torch.autocast(self.device.type, self.autocast or torch.bfloat16,
+                              enabled=self.autocast is not None)
+
     def _micro_step(self, batch: dict) -> dict[str, float] | None:
         """Train on one micro-batch; None when a loss was not finite (skipped)."""
         logs = {}
         losses = self.task.losses(self.engines, batch, self.step)
         while True:
-            with torch.autocast(self.device.type, self.autocast or torch.bfloat16,
-                                enabled=self.autocast is not None):  # the forward only
+            with self.forward_autocast():  # the forward only
                 item = next(losses, None)
             if item is None:
                 break
