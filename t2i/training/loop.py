@@ -18,6 +18,7 @@ The run directory:
 """
 
 import dataclasses
+import importlib
 import json
 import logging
 import math
@@ -59,6 +60,12 @@ def setup_distributed() -> None:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if os.environ["WORLD_SIZE"] == "1":
+        # DeepSpeed's CPU process groups build its shared-memory all-reduce op first, a C++
+        # compile of ~30 s on 2 cores (on a fresh machine, and again whenever the
+        # environment changes); a group of one never reduces across processes. (Imported by
+        # name: the package's attribute `torch` is torch itself.)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 

@@ -65,6 +65,24 @@ assert load_tokenizer({out + '/export'!r}).encode("a red circle")[0][0] == 1
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected)
 
 
+def test_a_group_of_one_does_not_build_deepspeeds_shared_memory_op():
+    """The op is a ~30 s C++ compile on a fresh CPU machine, of use only across processes."""
+    code = """
+from deepspeed.accelerator import get_accelerator
+import torch.distributed as dist
+accelerator = get_accelerator()
+make = accelerator.create_op_builder
+def refuse(name):
+    assert name != "ShareMemCommBuilder", "the shared-memory op was built"
+    return make(name)
+accelerator.create_op_builder = refuse
+from t2i.training.loop import setup_distributed
+setup_distributed()
+assert dist.get_world_size() == 1
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=clean_env())
+
+
 def _weights(out: str) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(out, "export", "model.safetensors"))
 
