@@ -20,6 +20,7 @@ segmentation class from the caption alone, every image token masked; a painter
 generates on the layout model's. Decoding: t2i.generate.
 """
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ from t2i.models import Pretrained, export_path, load_pretrained, save_pretrained
 from t2i.modules.attention import LearnedPositions, TransformerBlock
 from t2i.training.task import Task, TokenCache
 from t2i_kernels import linear_cross_entropy, lowest_k_mask
+
+log = logging.getLogger("t2i.train")
 
 SCHEDULES = ("cosine", "arccos", "linear")
 COLOUR_CLASSES = len(COLOUR_NAMES) + 1  # a layout cell's colour: none (0) or a scene colour
@@ -728,8 +731,14 @@ class MuseTask(Task):
             config.text_vocab = config.text_vocab or tokenizer.vocab_size
             config.text_length = config.text_length or tokenizer.max_length
         self.layouts = None  # a painter's layout model (t2i.generate.LayoutDrawer)
-        if config.layout:
-            self.layouts = _load_layouts(config)
+        if config.layout and not self.layout_drawer():
+            if not os.path.isdir(config.layout):
+                raise ValueError(f"model.layout: {config.layout} has no exported layout "
+                                 f"model; train it first (train.py does so itself from "
+                                 f"model.layout_config)")
+            log.warning("model.layout: %s has no exported layout model yet (train.py trains "
+                        "it beside a painter): sample grids paint on the true layouts, and "
+                        "the export holds it once it has one", config.layout)
         self.low = None
         if config.low_res_tokenizer:
             self.low = LowRes(_load_tokenizer(config.low_res_tokenizer, VQGAN),
@@ -742,10 +751,12 @@ class MuseTask(Task):
 
     @classmethod
     def prerequisite(cls, model: dict):
-        """The VQGAN first, then (painters) the layout model, each when it is missing."""
+        """The VQGAN first, then (painters) the layout model, each when it is missing. A
+        painter trains on the true layouts: its layout model may train beside it."""
         path = model.get("tokenizer", MuseConfig.tokenizer)
         if not _exported(path):
-            return model.get("tokenizer_config", MuseConfig.tokenizer_config), [f"run.out={path}"]
+            return (model.get("tokenizer_config", MuseConfig.tokenizer_config),
+                    [f"run.out={path}"], False)
         layout = model.get("layout", MuseConfig.layout)
         if layout and not _exported(layout):  # drawn on this painter's grid and cells
             config = model.get("layout_config", MuseConfig.layout_config)
@@ -755,8 +766,16 @@ class MuseTask(Task):
             if not _config_grid(config):  # on the tokenizer's grid: the painter's cells
                 detail = model.get("layout_detail", MuseConfig.layout_detail)
                 overrides.append(f"model.layout_detail={detail}")
-            return config, overrides
+            return config, overrides, True
         return None
+
+    def layout_drawer(self):
+        """A painter's layout model (t2i.generate.LayoutDrawer), loaded once it is exported;
+        None before (train.py may train it beside the painter, which trains on the true
+        layouts) and for other stages."""
+        if self.layouts is None and self.config.layout and _exported(self.config.layout):
+            self.layouts = _load_layouts(self.config)
+        return self.layouts
 
     def _tokens(self, images: torch.Tensor) -> torch.Tensor:
         self.vqgan.to(images.device)
@@ -824,23 +843,26 @@ class MuseTask(Task):
     @torch.no_grad()
     def samples(self, model, batch):
         """Rows: real images; generated for their captions (seed 0, CFG 3); the same, no CFG.
-        Painters: real images, their layouts, the layout model's layouts for their captions,
-        the images painted on those without guidance."""
+        Painters: real images, their layouts, the layout model's layouts for their captions
+        (the true ones again while it is still training), the images painted on those
+        without guidance."""
         from t2i.generate import MuseGenerator
 
-        gen = MuseGenerator(model, self.vqgan, self.tokenizer, low=self.low,
-                            layouts=self.layouts)
         n = min(8, len(batch["image"]))
         cond = self._prompts(batch, n)
         extra = {"low_res_images": batch["image"][:n]} if self.low is not None else {}
         rows = [batch["image"][:n]]
-        if self.layouts is not None:
-            out = gen(**cond, seed=0)
-            size = batch["image"].shape[-1]
+        if self.config.layout:
             true = self._layout(batch)[1][:n]
+            drawer = self.layout_drawer() or (lambda *_: true)
+            gen = MuseGenerator(model, self.vqgan, self.tokenizer, low=self.low,
+                                layouts=drawer)
+            out = gen(**cond, **extra, seed=0)
+            size = batch["image"].shape[-1]
             return rows + [layout_picture(true, size, self.config),
                            layout_picture(out.layout, size, self.config),
                            out.images]
+        gen = MuseGenerator(model, self.vqgan, self.tokenizer, low=self.low)
         for cfg in (3.0, None):
             rows.append(gen(**cond, **extra, seed=0, cfg_scale=cfg).images)
         return rows
@@ -891,7 +913,7 @@ class MuseTask(Task):
             save_pretrained(self.low.vqgan, os.path.join(path, "low_res_vqgan"),
                             family="vqgan", stage="tokenizer",
                             extra={"image_size": self.low.size})
-        if self.layouts is not None:  # the layout model and its caption tokenizer
+        if self.layout_drawer() is not None:  # the layout model and its caption tokenizer
             save_pretrained(self.layouts.model, os.path.join(path, "layout"), family="muse",
                             stage="layout")
             if self.layouts.tokenizer is not None:

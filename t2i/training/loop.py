@@ -345,9 +345,10 @@ class Trainer:
                 yield batch
             self.epoch += 1
 
-    def train(self, stop_at: int | None = None) -> dict[str, float]:
+    def train(self, stop_at: int | None = None, on_step=None) -> dict[str, float]:
         """Run to config.run.steps (or stop, checkpointed, at step `stop_at`, as an
-        interrupted run would); returns the final validation metrics."""
+        interrupted run would); returns the final validation metrics. `on_step`: called
+        after every step (train.py: a prerequisite training beside this run has ended)."""
         run = self.config.run
         stop = _StopRequest()
         writer = None
@@ -372,6 +373,8 @@ class Trainer:
                         sums[k] = sums.get(k, 0.0) + v
                     count += 1
                 self.step += 1
+                if on_step is not None:
+                    on_step()
                 if self.ema is not None:
                     self.ema.update(full_state(self.engines["model"]))
                 if progress is not None:
@@ -432,8 +435,8 @@ class Trainer:
         model.load_state_dict(state)
         return model.to(self.device).eval()
 
-    def _samples(self) -> None:
-        model = self.inference_model()
+    def _samples(self, model=None) -> None:
+        model = model if model is not None else self.inference_model()
         if self.rank == 0 and self.val_batches:
             batch = self._to_device(self.val_batches[0], torch.float32)
             rows = self.task.samples(model, batch)
@@ -467,6 +470,13 @@ class Trainer:
             self.tokenizer.save(path)
             self.task.export(path)
         return path
+
+    def refresh_outputs(self) -> None:
+        """The export and sample grid again, at this step: a prerequisite that trained
+        beside this run (a painter's layout model) has exported since they were written."""
+        model = self.inference_model()
+        self.export(model)
+        self._samples(model)
 
     def save(self, model=None) -> str:
         """Checkpoint (collective) and refresh the export."""

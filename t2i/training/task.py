@@ -82,9 +82,12 @@ class Task:
         self.model: nn.Module
 
     @classmethod
-    def prerequisite(cls, model: dict) -> tuple[str, list[str]] | None:
-        """(config path, overrides) of a stage train.py must run first, when this stage
-        needs its output and it does not exist yet (a transformer's image tokenizer)."""
+    def prerequisite(cls, model: dict) -> tuple[str, list[str], bool] | None:
+        """(config path, overrides, beside) of a stage train.py must train, when this stage
+        needs its output and it does not exist yet (a transformer's image tokenizer).
+        `beside`: this stage trains without it (it needs it only for its sample grids and
+        export, as a painter its layout model), so train.py may train the two at once;
+        otherwise first."""
         return None
 
     def export(self, path: str) -> None:

@@ -166,6 +166,51 @@ def test_train_py_trains_the_missing_tokenizer_and_layout_model_first_then_the_p
     assert load(out)(["a red circle"], steps=2).images.shape == (1, 3, 16, 16)
 
 
+def _beside_run(tiny_vqgan, synth_dir, ds_config, tmp_path, *layout_overrides):
+    """train.py, one process on two threads, for a painter whose layout model is missing:
+    -> (the finished process, painter run, layout run)."""
+    out = tmp_path / "muse"
+    layout = out / "layout"
+    layout_config = _write_config(  # more steps than the painter's 4: it ends later
+        tmp_path / "layout_tiny.yaml", "muse_layout_shapes.yaml",
+        _muse_overrides(synth_dir, "unused", "unused", steps=20) + ["model.grid=0",
+                                                                    *layout_overrides])
+    args = ["--config", os.path.join(REPO, "training", "configs", "muse_shapes.yaml"),
+            "--deepspeed_config", ds_config(2), *_muse_overrides(synth_dir, str(out),
+                                                                  tiny_vqgan),
+            f"model.layout={layout}", f"model.layout_config={layout_config}"]
+    result = subprocess.run(train_command(*args), cwd=REPO, capture_output=True, text=True,
+                            timeout=600, env={**clean_env(), "OMP_NUM_THREADS": "2"})
+    return result, out, layout
+
+
+@pytest.mark.slow
+def test_one_cpu_process_trains_the_layout_model_beside_the_painter(
+        tiny_vqgan, synth_dir, ds_config, tmp_path):
+    result, out, layout = _beside_run(tiny_vqgan, synth_dir, ds_config, tmp_path)
+    printed = result.stdout + result.stderr
+    assert result.returncode == 0, printed[-3000:]
+    assert "training it beside this run" in printed and "on 1 of 2 threads" in printed
+    assert "ended (exit 0): this run goes on on 2 threads" in printed
+    assert "done: " in (layout / "train.log").read_text()  # its own output
+    assert (layout / "export" / "model.safetensors").exists()
+    # the painter's last export came before the layout model's: written again with it
+    assert (out / "export" / "layout" / "model.safetensors").exists()
+    assert load(str(out))(["a red circle"], steps=2).images.shape == (1, 3, 16, 16)
+
+
+@pytest.mark.slow
+def test_a_layout_model_failing_beside_the_painter_fails_the_run_with_its_log(
+        tiny_vqgan, synth_dir, ds_config, tmp_path):
+    result, out, layout = _beside_run(tiny_vqgan, synth_dir, ds_config, tmp_path,
+                                      "model.schedule=bogus")
+    assert result.returncode == 1
+    assert f"{layout}, trained beside this run, failed (exit 2" in result.stderr
+    assert "model.schedule must be one of" in (layout / "train.log").read_text()
+    assert (out / "export" / "model.safetensors").exists()  # the painter itself is done
+    assert not (out / "export" / "layout").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("detail,colour,own", [(1, "false", None), (2, "true", None),
                                                (1, "true", (4, 2))])
