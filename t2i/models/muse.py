@@ -774,7 +774,9 @@ class MuseTask(Task):
         None before (train.py may train it beside the painter, which trains on the true
         layouts) and for other stages."""
         if self.layouts is None and self.config.layout and _exported(self.config.layout):
-            self.layouts = _load_layouts(self.config)
+            with torch.random.fork_rng(devices=[]):  # loading draws a model's initial weights:
+                # the painter's own must not depend on whether it was there yet
+                self.layouts = _load_layouts(self.config)
         return self.layouts
 
     def _tokens(self, images: torch.Tensor) -> torch.Tensor:

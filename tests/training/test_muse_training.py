@@ -166,6 +166,24 @@ def test_train_py_trains_the_missing_tokenizer_and_layout_model_first_then_the_p
     assert load(out)(["a red circle"], steps=2).images.shape == (1, 3, 16, 16)
 
 
+@pytest.mark.slow
+def test_a_painter_starts_from_the_same_weights_with_or_without_its_layout_model_yet(
+        tiny_vqgan, synth_dir, ds_config, tmp_path):
+    layout = str(tmp_path / "layout")
+    Trainer(_muse_config(synth_dir, layout, tiny_vqgan, "model.grid=0", "model.layout_detail=1",
+                         steps=1,
+                         config="muse_layout_shapes.yaml"), ds_config(2)).train()
+    (tmp_path / "pending").mkdir()  # a layout run beside it, not exported yet
+    weights = []
+    for source in (layout, str(tmp_path / "pending")):
+        trainer = Trainer(_muse_config(synth_dir, str(tmp_path / f"p{len(weights)}"),
+                                       tiny_vqgan, f"model.layout={source}"), ds_config(2))
+        assert (trainer.task.layouts is None) == source.endswith("pending")
+        weights.append(trainer.task.model.state_dict())
+    for name, w in weights[0].items():
+        assert torch.equal(w, weights[1][name]), name
+
+
 def _beside_run(tiny_vqgan, synth_dir, ds_config, tmp_path, *layout_overrides):
     """train.py, one process on two threads, for a painter whose layout model is missing:
     -> (the finished process, painter run, layout run)."""
