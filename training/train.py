@@ -99,7 +99,7 @@ class Beside:
     def __init__(self, path: str, overrides: list[str], out: str, ds_config: str):
         self.out, self.threads = out, torch.get_num_threads()
         theirs = self.threads // 2
-        os.makedirs(out, exist_ok=True)  # a layout run in progress (MuseTask reads it so)
+        os.makedirs(out, exist_ok=True)  # a run in progress: the stage waits for its export
         self.log_path = os.path.join(out, "train.log")
         env = {k: v for k, v in os.environ.items() if k not in self.GROUP}
         env["OMP_NUM_THREADS"] = str(theirs)
@@ -161,8 +161,8 @@ def main(argv=None) -> int:
             if beside.wait() != 0:
                 print(f"train.py: {beside.out}, trained beside this run, failed (exit "
                       f"{beside.process.returncode}; its log: {beside.log_path}). This run "
-                      f"is complete but exports no layout model: run the same command again "
-                      f"to resume that one", file=sys.stderr)
+                      f"is complete but its export lacks that model: the same command again "
+                      f"resumes it", file=sys.stderr)
                 return 1
             trainer.refresh_outputs()  # with the model it has just exported
     finally:
