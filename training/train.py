@@ -10,10 +10,11 @@ the DeepSpeed JSON holds ZeRO stage, precision, micro-batch and accumulation. Ov
 such as `run.steps=100 model.num_codes=256` change the YAML's values. A run directory with
 a complete checkpoint is resumed automatically (--no-resume starts over and fails if one
 exists). A stage that needs another stage's output (Muse needs its VQGAN; a painter its
-layout model too) trains that one first when it is missing, and so on down. One it trains
-without (a painter's layout model: it is needed only for the sample grids and the export)
-trains beside it instead in a run of one CPU process: in a child process on half the
-threads, its log in its run directory's train.log; the run exports it once both are done.
+layout model too) trains that one first when it is missing or unfinished (its export is of
+an earlier step: it was interrupted), and so on down. One it trains without (a painter's
+layout model: it is needed only for the sample grids and the export) trains beside it
+instead in a run of one CPU process: in a child process on half the threads, its log in its
+run directory's train.log; the run exports it once both are done.
 """
 
 import argparse
@@ -57,7 +58,7 @@ def parse_args(argv=None):
 
 
 def train_missing(config, ds_config: str, beside_ok: bool = True):
-    """Train what the stage `config` describes needs and has not been exported yet (e.g. the
+    """Train what the stage `config` describes needs and has not finished yet (e.g. the
     image tokenizer a transformer is trained on) on the same data (its data.path), each
     one's own needs first. Returns the `Beside` run of the last one when it trains beside
     this stage (`beside_ok` and `can_train_beside()`), else None."""
@@ -75,7 +76,7 @@ def train_missing(config, ds_config: str, beside_ok: bool = True):
         if beside and beside_ok and can_train_beside() and os.path.exists(config.data.path):
             # (with the data in place: two runs would write it at once)
             return Beside(path, overrides, first.run.out, ds_config)
-        log.info("%s has no exported model yet: training it first (%s, on %s)",
+        log.info("%s has no finished export yet: training it first (%s, on %s)",
                  first.run.out, path, config.data.path)
         Trainer(first, ds_config).train()
     return None
@@ -109,7 +110,7 @@ class Beside:
                  "--deepspeed_config", ds_config, *overrides, "run.progress=false"],
                 stdout=f, stderr=subprocess.STDOUT, env=env)
         torch.set_num_threads(self.threads - theirs)
-        log.info("%s has no exported model yet: training it beside this run (%s, process "
+        log.info("%s has no finished export yet: training it beside this run (%s, process "
                  "%d on %d of %d threads; log: %s)", out, path, self.process.pid, theirs,
                  self.threads, self.log_path)
 

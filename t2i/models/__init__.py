@@ -51,6 +51,18 @@ def export_path(path: str) -> str:
     return export if os.path.isdir(export) else path
 
 
+def finished_export(path: str) -> bool:
+    """Whether `path` (a run directory or its export/ folder) holds the exported model of its
+    run's last step. A run exports at every checkpoint: one interrupted, or still training,
+    holds an earlier step's. An export that names no run length (not from training) counts."""
+    try:
+        with open(os.path.join(export_path(path), "config.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        return False
+    return meta.get("step", 0) >= meta.get("steps", 0)
+
+
 def load_pretrained(path: str, expect: type | None = None):
     """The model exported to `path` (a run directory or its export/ folder), in eval mode.
     Needs neither DeepSpeed nor the training code."""

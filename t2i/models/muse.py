@@ -39,7 +39,13 @@ from t2i.data.scenes import (
     slot_layout,
     swap_shape,
 )
-from t2i.models import Pretrained, export_path, load_pretrained, save_pretrained
+from t2i.models import (
+    Pretrained,
+    export_path,
+    finished_export,
+    load_pretrained,
+    save_pretrained,
+)
 from t2i.modules.attention import LearnedPositions, TransformerBlock
 from t2i.training.task import Task, TokenCache
 from t2i_kernels import linear_cross_entropy, lowest_k_mask
@@ -736,9 +742,9 @@ class MuseTask(Task):
                 raise ValueError(f"model.layout: {config.layout} has no exported layout "
                                  f"model; train it first (train.py does so itself from "
                                  f"model.layout_config)")
-            log.warning("model.layout: %s has no exported layout model yet (train.py trains "
-                        "it beside a painter): sample grids paint on the true layouts, and "
-                        "the export holds it once it has one", config.layout)
+            log.warning("model.layout: %s has not exported its layout model's last step yet "
+                        "(train.py trains it beside a painter): sample grids paint on the "
+                        "true layouts, and the export holds it once it has", config.layout)
         self.low = None
         if config.low_res_tokenizer:
             self.low = LowRes(_load_tokenizer(config.low_res_tokenizer, VQGAN),
@@ -751,14 +757,15 @@ class MuseTask(Task):
 
     @classmethod
     def prerequisite(cls, model: dict):
-        """The VQGAN first, then (painters) the layout model, each when it is missing. A
-        painter trains on the true layouts: its layout model may train beside it."""
+        """The VQGAN first, then (painters) the layout model, each when it has not exported
+        its last step (`finished_export`). A painter trains on the true layouts: its layout
+        model may train beside it."""
         path = model.get("tokenizer", MuseConfig.tokenizer)
-        if not _exported(path):
+        if not finished_export(path):
             return (model.get("tokenizer_config", MuseConfig.tokenizer_config),
                     [f"run.out={path}"], False)
         layout = model.get("layout", MuseConfig.layout)
-        if layout and not _exported(layout):  # drawn on this painter's grid and cells
+        if layout and not finished_export(layout):  # drawn on this painter's grid and cells
             config = model.get("layout_config", MuseConfig.layout_config)
             colour = model.get("layout_colour", MuseConfig.layout_colour)
             overrides = [f"run.out={layout}", f"model.tokenizer={path}",
@@ -770,10 +777,11 @@ class MuseTask(Task):
         return None
 
     def layout_drawer(self):
-        """A painter's layout model (t2i.generate.LayoutDrawer), loaded once it is exported;
-        None before (train.py may train it beside the painter, which trains on the true
-        layouts) and for other stages."""
-        if self.layouts is None and self.config.layout and _exported(self.config.layout):
+        """A painter's layout model (t2i.generate.LayoutDrawer), loaded once its run has
+        exported its last step; None before (train.py may train it beside the painter, which
+        trains on the true layouts: an earlier checkpoint's export is not it) and for other
+        stages."""
+        if self.layouts is None and self.config.layout and finished_export(self.config.layout):
             with torch.random.fork_rng(devices=[]):  # loading draws a model's initial weights:
                 # the painter's own must not depend on whether it was there yet
                 self.layouts = _load_layouts(self.config)
@@ -950,10 +958,6 @@ def layout_picture(layout: torch.Tensor, size: int, config: MuseConfig) -> torch
     else:
         picture = colourise(layout)
     return F.interpolate(picture, size=(size, size), mode="nearest")
-
-
-def _exported(path: str) -> bool:
-    return os.path.exists(os.path.join(export_path(path), "config.json"))
 
 
 def _config_grid(path: str) -> int:

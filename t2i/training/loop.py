@@ -465,7 +465,8 @@ class Trainer:
         path = os.path.join(self.out, "export")
         if self.rank == 0:
             save_pretrained(model, path, family=self.task.family, stage=self.task.stage,
-                            extra={"step": self.step, "ema": self.ema is not None,
+                            extra={"step": self.step, "steps": self.config.run.steps,
+                                   "ema": self.ema is not None,
                                    "data": dataclasses.asdict(self.config.data)})
             self.tokenizer.save(path)
             self.task.export(path)

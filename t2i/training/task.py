@@ -84,7 +84,7 @@ class Task:
     @classmethod
     def prerequisite(cls, model: dict) -> tuple[str, list[str], bool] | None:
         """(config path, overrides, beside) of a stage train.py must train, when this stage
-        needs its output and it does not exist yet (a transformer's image tokenizer).
+        needs its output and it is missing or unfinished (a transformer's image tokenizer).
         `beside`: this stage trains without it (it needs it only for its sample grids and
         export, as a painter its layout model), so train.py may train the two at once;
         otherwise first."""

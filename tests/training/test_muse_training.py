@@ -10,8 +10,11 @@ import subprocess
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from t2i.cli import main
+from t2i.models import finished_export
+from t2i.models.muse import MuseTask
 from t2i.pipelines import load, load_layouts
 from t2i.training.config import ConfigError, apply_override, load_config
 from t2i.training.loop import Trainer
@@ -184,6 +187,28 @@ def test_a_painter_starts_from_the_same_weights_with_or_without_its_layout_model
         assert torch.equal(w, weights[1][name]), name
 
 
+@pytest.mark.slow
+def test_only_a_layout_runs_last_step_counts_as_its_layout_model(tiny_vqgan, synth_dir,
+                                                                 ds_config, tmp_path):
+    """A run exports at every checkpoint: an interrupted one (or one still training beside
+    the painter) holds an earlier step's model, which train.py must finish first and a
+    painter must not take for its layout model."""
+    layout = str(tmp_path / "layout")
+    config = _muse_config(synth_dir, layout, tiny_vqgan, "model.grid=0", "model.layout_detail=1",
+                          steps=4, config="muse_layout_shapes.yaml")
+    Trainer(config, ds_config(2)).train(stop_at=2)
+    assert os.path.exists(os.path.join(layout, "export", "model.safetensors"))
+    assert not finished_export(layout)
+    painter = _muse_config(synth_dir, str(tmp_path / "p"), tiny_vqgan, f"model.layout={layout}",
+                           "model.layout_detail=1")
+    assert MuseTask.prerequisite(painter.model)[0].endswith("muse_layout_shapes.yaml")
+    trainer = Trainer(painter, ds_config(2))
+    assert trainer.task.layout_drawer() is None
+    Trainer(config, ds_config(2)).train()  # resumed to its last step
+    assert finished_export(layout) and MuseTask.prerequisite(painter.model) is None
+    assert trainer.task.layout_drawer() is not None
+
+
 def _beside_run(tiny_vqgan, synth_dir, ds_config, tmp_path, *layout_overrides):
     """train.py, one process on two threads, for a painter whose layout model is missing:
     -> (the finished process, painter run, layout run)."""
@@ -212,8 +237,11 @@ def test_one_cpu_process_trains_the_layout_model_beside_the_painter(
     assert "ended (exit 0): this run goes on on 2 threads" in printed
     assert "done: " in (layout / "train.log").read_text()  # its own output
     assert (layout / "export" / "model.safetensors").exists()
-    # the painter's last export came before the layout model's: written again with it
-    assert (out / "export" / "layout" / "model.safetensors").exists()
+    # the painter's last export came before the layout model's: written again with it, the
+    # last step's (not the export of an earlier checkpoint)
+    theirs = load_file(layout / "export" / "model.safetensors")
+    ours = load_file(out / "export" / "layout" / "model.safetensors")
+    assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
     assert load(str(out))(["a red circle"], steps=2).images.shape == (1, 3, 16, 16)
 
 
