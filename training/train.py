@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from t2i.models import get_family
 from t2i.training.config import ConfigError, load_config
-from t2i.training.loop import Trainer
+from t2i.training.loop import Trainer, env_without_group
 from t2i.training.task import Task
 
 log = logging.getLogger("train.py")
@@ -94,16 +94,12 @@ class Beside:
     """A prerequisite training in a child process (train.py on its config) beside this
     run, on half the threads; the other half stay here until it ends (`check`)."""
 
-    GROUP = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-             "LOCAL_WORLD_SIZE", "CROSS_RANK", "CROSS_SIZE"}  # its own group of one
-
     def __init__(self, path: str, overrides: list[str], out: str, ds_config: str):
         self.out, self.threads = out, torch.get_num_threads()
         theirs = self.threads // 2
         os.makedirs(out, exist_ok=True)  # a run in progress: the stage waits for its export
         self.log_path = os.path.join(out, "train.log")
-        env = {k: v for k, v in os.environ.items() if k not in self.GROUP}
-        env["OMP_NUM_THREADS"] = str(theirs)
+        env = {**env_without_group(), "OMP_NUM_THREADS": str(theirs)}  # its own group of one
         with open(self.log_path, "a", encoding="utf-8") as f:
             self.process = subprocess.Popen(
                 [sys.executable, os.path.abspath(__file__), "--config", path,

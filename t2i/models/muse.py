@@ -737,7 +737,7 @@ class MuseTask(Task):
             config.text_vocab = config.text_vocab or tokenizer.vocab_size
             config.text_length = config.text_length or tokenizer.max_length
         self.layouts = None  # a painter's layout model (t2i.generate.LayoutDrawer)
-        if config.layout and not self.layout_drawer():
+        if config.layout and self.layout_drawer() is None:
             if not os.path.isdir(config.layout):
                 raise ValueError(f"model.layout: {config.layout} has no exported layout "
                                  f"model; train it first (train.py does so itself from "

@@ -48,6 +48,14 @@ from t2i.training.config import ConfigError, TrainConfig, from_dict
 log = logging.getLogger("t2i.train")
 
 
+def env_without_group() -> dict[str, str]:
+    """This process's environment without the process-group variables (a launcher's, or
+    those `setup_distributed` sets): a child process given it forms a group of its own."""
+    group = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+             "LOCAL_WORLD_SIZE", "CROSS_RANK", "CROSS_SIZE"}
+    return {k: v for k, v in os.environ.items() if k not in group}
+
+
 def setup_distributed() -> None:
     """Join (or, for a plain `python` run, create) the process group: gloo on CPU."""
     if dist.is_initialized():

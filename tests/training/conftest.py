@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from t2i.training.config import load_config
+from t2i.training.loop import env_without_group
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_PY = os.path.join(REPO, "training", "train.py")
@@ -63,6 +64,4 @@ def train_command(*args: str, processes: int = 1) -> list[str]:
 
 def clean_env() -> dict:
     """The environment without the process-group variables an in-process run has set."""
-    drop = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-            "LOCAL_WORLD_SIZE", "CROSS_RANK", "CROSS_SIZE"}
-    return {k: v for k, v in os.environ.items() if k not in drop}
+    return env_without_group()
